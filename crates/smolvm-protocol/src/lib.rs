@@ -1,0 +1,29 @@
+//! Wire protocol between the smolvm host and the guest agent, and between clients and
+//! the per-VM supervisor.
+//!
+//! Every message travels as one frame: a little-endian `u32` length followed by that many
+//! bytes of a [postcard](https://docs.rs/postcard) encoding. Frames larger than
+//! [`MAX_FRAME_LEN`] are refused before any allocation, so a hostile peer cannot make the
+//! reader allocate more than that. See `VERSIONING.md` for the rules on changing it.
+
+mod error;
+mod frame;
+mod message;
+
+pub use error::ProtocolError;
+pub use frame::{decode, encode, read_frame, write_frame, MAX_FRAME_LEN};
+#[cfg(feature = "tokio")]
+pub use frame::codec;
+pub use message::*;
+
+/// The protocol generation spoken by this build. Bump it on any change to the wire format.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Name of the virtio-serial port that carries the agent channel.
+pub const AGENT_PORT_NAME: &str = "org.smolvm.agent";
+
+/// Largest data chunk (stdout, stderr, stdin) put in one frame.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests;

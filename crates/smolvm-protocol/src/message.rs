@@ -1,0 +1,154 @@
+//! The messages. Host-to-guest and guest-to-host enums are kept apart so neither side can
+//! be handed a message meant for the other direction.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// First message on the agent's handshake stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol generation the host speaks.
+    pub protocol_version: u32,
+    /// Host wall-clock time, nanoseconds since the Unix epoch; the agent sets its clock from it.
+    pub host_time_unix_ns: u64,
+    /// Hostname the guest should take (empty: keep the current one).
+    pub hostname: String,
+    /// Fresh host randomness the agent mixes into the guest's entropy pool.
+    pub entropy: ByteBuf,
+}
+
+/// The agent's answer to [`Hello`]; the VM is ready once the host has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// Protocol generation the agent speaks.
+    pub protocol_version: u32,
+    /// Version of the agent binary.
+    pub agent_version: String,
+    /// `uname -r` of the guest kernel.
+    pub kernel_release: String,
+    /// The guest's hostname.
+    pub hostname: String,
+    /// Milliseconds from kernel start to the agent serving (guest `CLOCK_BOOTTIME`).
+    pub boot_ms: u64,
+}
+
+/// What to execute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A shell command line, run as `/bin/sh -c LINE`.
+    Shell(String),
+    /// A program and its arguments, executed directly (no shell).
+    Argv(Vec<String>),
+}
+
+/// A request to run one process in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// The command.
+    pub command: Command,
+    /// Extra environment variables, applied over the agent's base environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory (default `/root`).
+    pub cwd: Option<String>,
+    /// Whether the host will send stdin; otherwise stdin is `/dev/null`.
+    pub stdin: bool,
+    /// Kill the whole process group after this many milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Stop forwarding a stream after this many bytes (the rest is drained and dropped).
+    pub max_output_bytes: u64,
+}
+
+/// Host-to-guest messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMessage {
+    /// Opens the handshake stream.
+    Hello(Hello),
+    /// Opens an exec stream.
+    Exec(ExecRequest),
+    /// Bytes for the process's stdin.
+    Stdin(ByteBuf),
+    /// Closes the process's stdin.
+    StdinEof,
+    /// Sends a signal to the process group (e.g. 9 to cancel).
+    Signal(i32),
+    /// Liveness probe; answered with [`GuestMessage::Pong`].
+    Ping(u64),
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ExitStatus {
+    /// Exit code, when it exited normally.
+    pub code: Option<i32>,
+    /// Signal number, when a signal ended it.
+    pub signal: Option<i32>,
+    /// Whether the agent killed it because its timeout passed.
+    pub timed_out: bool,
+    /// Whether stdout went past the cap and was cut.
+    pub stdout_truncated: bool,
+    /// Whether stderr went past the cap and was cut.
+    pub stderr_truncated: bool,
+    /// Wall time of the process inside the guest, in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// Guest-to-host messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMessage {
+    /// Answers [`HostMessage::Hello`].
+    Hello(HelloReply),
+    /// The process was started with this pid.
+    Started {
+        /// Guest pid (also its process-group id).
+        pid: u32,
+    },
+    /// A chunk of stdout.
+    Stdout(ByteBuf),
+    /// A chunk of stderr.
+    Stderr(ByteBuf),
+    /// The process ended; last message on an exec stream.
+    Exited(ExitStatus),
+    /// The request failed; last message on the stream.
+    Error(String),
+    /// Answers [`HostMessage::Ping`].
+    Pong(u64),
+}
+
+/// Client-to-supervisor requests (first frame on an API socket connection).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApiRequest {
+    /// Run a process; the connection then carries [`HostMessage`] stdin/signal frames from
+    /// the client and [`GuestMessage`] frames back, ending with `Exited` or `Error`.
+    Exec(ExecRequest),
+    /// Report the VM's status.
+    Status,
+    /// Shut the VM down and end the supervisor.
+    Stop {
+        /// How long to wait for a clean guest shutdown before killing QEMU.
+        graceful_ms: u64,
+    },
+}
+
+/// Supervisor-to-client replies for requests other than exec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApiReply {
+    /// Answer to [`ApiRequest::Status`].
+    Status(VmStatus),
+    /// The request was carried out.
+    Ok,
+    /// The request failed.
+    Error(String),
+}
+
+/// What the supervisor knows about its VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// Pid of the QEMU process.
+    pub qemu_pid: u32,
+    /// Accelerator in use (`kvm` or `tcg`).
+    pub accelerator: String,
+    /// Whether the agent handshake has completed.
+    pub ready: bool,
+    /// The agent's handshake answer, once ready.
+    pub guest: Option<HelloReply>,
+}
