@@ -1,1 +1,33 @@
-//! smolvm runtime.
+//! The smolvm runtime: runs untrusted code in hardware-isolated microVMs.
+//!
+//! ```no_run
+//! use smolvm::{ExecOptions, Runtime, VmConfig};
+//! let rt = Runtime::open()?;
+//! let vm = rt.create(VmConfig::default())?;
+//! vm.start()?;
+//! let out = vm.exec(&ExecOptions::shell("echo hi"))?;
+//! assert_eq!(out.stdout, b"hi\n");
+//! vm.delete()?;
+//! # Ok::<(), smolvm::Error>(())
+//! ```
+
+pub mod client;
+pub mod config;
+pub mod disk;
+pub mod error;
+pub mod exec;
+pub mod hypervisor;
+pub mod paths;
+pub mod store;
+pub mod supervisor;
+mod util;
+mod vm;
+
+pub use client::OutputStream;
+pub use config::{NetworkMode, VmConfig};
+pub use error::{Error, Result};
+pub use exec::{ExecOptions, ExecOutput};
+pub use paths::Paths;
+pub use smolvm_protocol::Command;
+pub use store::{VmRecord, VmState};
+pub use vm::{Runtime, StartTimings, Vm, VmInfo};

@@ -1,0 +1,248 @@
+//! `smolvm bench`: lifecycle phase timings as p50/p95 tables, naming the accelerator and
+//! the machine.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::Subcommand;
+use serde::Serialize;
+use smolvm::{ExecOptions, Runtime, VmConfig};
+
+use crate::table::{self, ms};
+
+/// Bench subcommands.
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Full VM lifecycles: create+start, ready, exec, stop+delete, total; plus exec round trips.
+    Lifecycle {
+        /// Number of lifecycles.
+        #[arg(short = 'n', long, default_value_t = 5)]
+        runs: usize,
+        /// Number of `true` round trips on one running VM.
+        #[arg(long, default_value_t = 100)]
+        exec_runs: usize,
+        /// vCPUs per VM.
+        #[arg(long, default_value_t = smolvm::config::DEFAULT_VCPUS)]
+        cpus: u32,
+        /// Memory per VM in MiB.
+        #[arg(long, default_value_t = smolvm::config::DEFAULT_MEM_MIB)]
+        memory: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Serialize)]
+struct Stat {
+    phase: &'static str,
+    n: usize,
+    p50_ms: f64,
+    p95_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    accelerator: String,
+    accelerator_reason: String,
+    machine: String,
+    qemu: String,
+    vcpus: u32,
+    memory_mib: u32,
+    phases: Vec<Stat>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn stat(phase: &'static str, samples: &[Duration]) -> Stat {
+    let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    Stat {
+        phase,
+        n: v.len(),
+        p50_ms: percentile(&v, 50.0),
+        p95_ms: percentile(&v, 95.0),
+        min_ms: v.first().copied().unwrap_or(0.0),
+        max_ms: v.last().copied().unwrap_or(0.0),
+    }
+}
+
+/// A one-line description of this host.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map(|kib| kib / (1024 * 1024))
+        .unwrap_or(0);
+    format!("{cpu}, {cores} cores, {mem_gib} GiB")
+}
+
+fn qemu_version() -> String {
+    std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(|l| l.to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Runs a bench subcommand.
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    let BenchCmd::Lifecycle {
+        runs,
+        exec_runs,
+        cpus,
+        memory,
+        json,
+    } = cmd;
+    let rt = Runtime::open()?;
+    let cfg = VmConfig {
+        vcpu_count: cpus,
+        mem_size_mib: memory,
+        ..Default::default()
+    };
+    cfg.validate()?;
+    let accel = smolvm::hypervisor::detect_accelerator();
+    let (mut cs, mut ready, mut exec, mut del, mut total) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for i in 0..runs.max(1) {
+        let t0 = Instant::now();
+        let vm = rt.create(cfg.clone())?;
+        let st = match vm.start() {
+            Ok(st) => st,
+            Err(e) => {
+                let _ = vm.delete();
+                return Err(e.into());
+            }
+        };
+        let te = Instant::now();
+        let out = vm.exec(&ExecOptions::argv(["echo", "hello from smolvm"]));
+        let exec_t = te.elapsed();
+        let td = Instant::now();
+        vm.delete()?;
+        let del_t = td.elapsed();
+        let out = out?;
+        anyhow::ensure!(
+            out.stdout == b"hello from smolvm\n",
+            "unexpected output {:?}",
+            out.stdout_text()
+        );
+        cs.push(st.create_start);
+        ready.push(st.ready);
+        exec.push(exec_t);
+        del.push(del_t);
+        total.push(t0.elapsed());
+        if !json {
+            eprintln!(
+                "run {}/{}: ready in {} ({})",
+                i + 1,
+                runs,
+                ms(st.ready),
+                st.accelerator
+            );
+        }
+    }
+    // Warm exec round trips on one running VM.
+    let mut rtt = Vec::new();
+    if exec_runs > 0 {
+        let vm = rt.create(cfg.clone())?;
+        let res = (|| {
+            vm.start()?;
+            let opts = ExecOptions::argv(["true"]);
+            for _ in 0..exec_runs {
+                let t = Instant::now();
+                let out = vm.exec(&opts)?;
+                rtt.push(t.elapsed());
+                if out.exit_code != Some(0) {
+                    return Err(smolvm::Error::Agent("`true` failed".into()));
+                }
+            }
+            Ok(())
+        })();
+        vm.delete()?;
+        res?;
+    }
+    let mut phases = vec![
+        stat("create+start", &cs),
+        stat("ready (agent handshake)", &ready),
+        stat("command execution (echo)", &exec),
+        stat("stop+delete", &del),
+        stat("full lifecycle", &total),
+    ];
+    if !rtt.is_empty() {
+        phases.push(stat("exec round trip (true, warm)", &rtt));
+    }
+    let report = Report {
+        accelerator: accel.accelerator.to_string(),
+        accelerator_reason: accel.reason.clone(),
+        machine: machine(),
+        qemu: qemu_version(),
+        vcpus: cpus,
+        memory_mib: memory,
+        phases,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "smolvm bench lifecycle: {} lifecycles, {} exec round trips",
+        runs,
+        rtt.len()
+    );
+    println!(
+        "accelerator: {} ({})",
+        report.accelerator, report.accelerator_reason
+    );
+    println!(
+        "machine: {}; {}; VM {} vCPU, {} MiB",
+        report.machine, report.qemu, cpus, memory
+    );
+    let mut rows = vec![vec![
+        "phase".to_string(),
+        "n".into(),
+        "p50".into(),
+        "p95".into(),
+        "min".into(),
+        "max".into(),
+    ]];
+    for s in &report.phases {
+        let f = |v: f64| ms(Duration::from_secs_f64(v / 1000.0));
+        rows.push(vec![
+            s.phase.to_string(),
+            s.n.to_string(),
+            f(s.p50_ms),
+            f(s.p95_ms),
+            f(s.min_ms),
+            f(s.max_ms),
+        ]);
+    }
+    table::print(&rows);
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Hypervisor backends behind one trait. QEMU `microvm` is the one we build and test;
+//! a Firecracker backend fits the same trait.
+
+pub mod accel;
+pub mod qemu;
+pub mod qmp;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use accel::{detect as detect_accelerator, AccelReport, Accelerator};
+
+use crate::config::NetworkMode;
+use crate::error::Result;
+
+/// Everything a backend needs to launch one VM. Written by the client to the VM's
+/// directory as `spec.json` and read by the supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    /// VM id (also the guest hostname).
+    pub id: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub mem_mib: u32,
+    /// Uncompressed kernel (ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Initramfs holding the agent as /init.
+    pub initrd: PathBuf,
+    /// Root disk (qcow2 overlay).
+    pub disk: PathBuf,
+    /// Format of the root disk (`qcow2` or `raw`).
+    pub disk_format: String,
+    /// Extra kernel arguments from the user.
+    pub extra_boot_args: Option<String>,
+    /// Networking mode.
+    pub network: NetworkMode,
+    /// Accelerator to use.
+    pub accelerator: Accelerator,
+    /// Host TSC rate in kHz (passed to the guest under TCG).
+    pub tsc_khz: Option<u64>,
+    /// The state database, where the supervisor records the VM's end.
+    pub db_path: PathBuf,
+    /// Seconds to wait for the agent handshake.
+    pub ready_timeout_secs: u64,
+}
+
+/// Host-side endpoints a backend wires the VM to; the supervisor listens on each.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// Unix socket the agent's virtio-serial port connects to.
+    pub agent: PathBuf,
+    /// Unix socket the guest's serial console connects to.
+    pub console: PathBuf,
+    /// Unix socket the backend's control channel (QMP) connects to.
+    pub control: PathBuf,
+}
+
+/// A hypervisor backend: turns a launch spec into the process that runs the VM.
+pub trait Backend: Send + Sync {
+    /// Short name, e.g. `qemu-microvm`.
+    fn name(&self) -> &'static str;
+    /// The command that runs the VM; its endpoints connect to the given sockets.
+    fn command(&self, spec: &LaunchSpec, endpoints: &Endpoints) -> Result<std::process::Command>;
+}

@@ -1,0 +1,182 @@
+//! The QEMU `microvm` backend (Debian's `qemu-system-x86`).
+
+use std::process::Command;
+
+use super::{Accelerator, Backend, Endpoints, LaunchSpec};
+use crate::config::NetworkMode;
+use crate::error::{Error, Result};
+
+/// Kernel arguments every guest gets. `reboot=t panic=-1` with `-no-reboot` makes any guest
+/// crash or reboot end the QEMU process, so the host sees it at once.
+pub const BASE_BOOT_ARGS: &str =
+    "console=ttyS0 reboot=t panic=-1 quiet loglevel=3 8250.nr_uarts=1 random.trust_cpu=on";
+
+/// The QEMU microvm backend.
+#[derive(Debug, Default)]
+pub struct QemuMicrovm;
+
+impl QemuMicrovm {
+    /// Path of `qemu-system-x86_64`, or an error naming the Debian package.
+    pub fn binary() -> Result<std::path::PathBuf> {
+        crate::util::which("qemu-system-x86_64").ok_or_else(|| Error::MissingTool {
+            tool: "qemu-system-x86_64".into(),
+            package: "qemu-system-x86".into(),
+        })
+    }
+
+    /// The kernel command line for a spec.
+    pub fn boot_args(spec: &LaunchSpec) -> String {
+        let mut args = format!(
+            "{BASE_BOOT_ARGS} smolvm.root=/dev/vda smolvm.hostname={}",
+            spec.id
+        );
+        if spec.accelerator == Accelerator::Tcg {
+            // Without this the guest often hangs calibrating its TSC under TCG (DESIGN.md §2).
+            if let Some(khz) = spec.tsc_khz {
+                args.push_str(&format!(" tsc_early_khz={khz}"));
+            }
+        }
+        if let Some(extra) = &spec.extra_boot_args {
+            args.push(' ');
+            args.push_str(extra);
+        }
+        args
+    }
+
+    /// The full argument list (without the program).
+    pub fn args(spec: &LaunchSpec, ep: &Endpoints) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |s: &str| a.push(s.to_string());
+        push("-M");
+        push("microvm,x-option-roms=off,rtc=off,pit=off,pic=off,isa-serial=on");
+        match spec.accelerator {
+            Accelerator::Kvm => {
+                push("-accel");
+                push("kvm");
+                push("-cpu");
+                push("host");
+            }
+            Accelerator::Tcg => {
+                push("-accel");
+                push(if spec.vcpus > 1 {
+                    "tcg,thread=multi"
+                } else {
+                    "tcg"
+                });
+                push("-cpu");
+                push("max");
+            }
+        }
+        push("-m");
+        push(&spec.mem_mib.to_string());
+        push("-smp");
+        push(&spec.vcpus.to_string());
+        for s in [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ] {
+            push(s);
+        }
+        push("-kernel");
+        push(&spec.kernel.display().to_string());
+        push("-initrd");
+        push(&spec.initrd.display().to_string());
+        push("-append");
+        push(&Self::boot_args(spec));
+        push("-chardev");
+        push(&format!("socket,id=con,path={}", ep.console.display()));
+        push("-serial");
+        push("chardev:con");
+        push("-chardev");
+        push(&format!("socket,id=qmp,path={}", ep.control.display()));
+        push("-mon");
+        push("chardev=qmp,mode=control");
+        push("-drive");
+        push(&format!(
+            "id=root,file={},format={},if=none,discard=unmap",
+            spec.disk.display(),
+            spec.disk_format
+        ));
+        push("-device");
+        push("virtio-blk-device,drive=root");
+        push("-device");
+        push("virtio-serial-device,max_ports=2");
+        push("-chardev");
+        push(&format!("socket,id=agent,path={}", ep.agent.display()));
+        push("-device");
+        push(&format!(
+            "virtserialport,chardev=agent,name={}",
+            smolvm_protocol::AGENT_PORT_NAME
+        ));
+        push("-object");
+        push("rng-random,id=rng0,filename=/dev/urandom");
+        push("-device");
+        push("virtio-rng-device,rng=rng0");
+        if spec.network == NetworkMode::User {
+            push("-netdev");
+            push("user,id=n0");
+            push("-device");
+            push("virtio-net-device,netdev=n0");
+        }
+        a
+    }
+}
+
+impl Backend for QemuMicrovm {
+    fn name(&self) -> &'static str {
+        "qemu-microvm"
+    }
+
+    fn command(&self, spec: &LaunchSpec, endpoints: &Endpoints) -> Result<Command> {
+        let mut cmd = Command::new(Self::binary()?);
+        cmd.args(Self::args(spec, endpoints));
+        Ok(cmd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn spec(accel: Accelerator) -> LaunchSpec {
+        LaunchSpec {
+            id: "vm-1".into(),
+            vcpus: 2,
+            mem_mib: 256,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            disk: "/d.qcow2".into(),
+            disk_format: "qcow2".into(),
+            extra_boot_args: None,
+            network: NetworkMode::None,
+            accelerator: accel,
+            tsc_khz: Some(2_596_132),
+            db_path: PathBuf::from("/db"),
+            ready_timeout_secs: 60,
+        }
+    }
+
+    #[test]
+    fn tsc_hint_only_under_tcg() {
+        assert!(QemuMicrovm::boot_args(&spec(Accelerator::Tcg)).contains("tsc_early_khz=2596132"));
+        assert!(!QemuMicrovm::boot_args(&spec(Accelerator::Kvm)).contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn cpu_model_follows_accelerator() {
+        let ep = Endpoints {
+            agent: "/a".into(),
+            console: "/c".into(),
+            control: "/q".into(),
+        };
+        let tcg = QemuMicrovm::args(&spec(Accelerator::Tcg), &ep).join(" ");
+        assert!(tcg.contains("-cpu max") && tcg.contains("tcg,thread=multi"));
+        let kvm = QemuMicrovm::args(&spec(Accelerator::Kvm), &ep).join(" ");
+        assert!(kvm.contains("-accel kvm -cpu host"));
+        assert!(!kvm.contains("virtio-net"));
+    }
+}

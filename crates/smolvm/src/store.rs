@@ -1,0 +1,278 @@
+//! VM state in SQLite (WAL, busy timeout, schema migrations): one row per VM.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+use crate::error::{Error, Result};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE vms (
+    id             TEXT PRIMARY KEY,
+    state          TEXT NOT NULL,
+    config         TEXT NOT NULL,
+    dir            TEXT NOT NULL,
+    supervisor_pid INTEGER,
+    qemu_pid       INTEGER,
+    accelerator    TEXT,
+    error          TEXT,
+    created_at     INTEGER NOT NULL,
+    started_at     INTEGER
+);
+"#];
+
+/// Lifecycle states of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Recorded, never started (or being started).
+    Created,
+    /// Supervisor and QEMU are up.
+    Running,
+    /// Shut down cleanly.
+    Stopped,
+    /// Something died; `error` says what.
+    Error,
+}
+
+impl VmState {
+    /// The state's name as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Running => "running",
+            VmState::Stopped => "stopped",
+            VmState::Error => "error",
+        }
+    }
+
+    fn parse(s: &str) -> VmState {
+        match s {
+            "created" => VmState::Created,
+            "running" => VmState::Running,
+            "stopped" => VmState::Stopped,
+            _ => VmState::Error,
+        }
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One VM's row.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// VM id.
+    pub id: String,
+    /// Recorded state (see [`crate::Runtime::list`] for the reconciled one).
+    pub state: VmState,
+    /// The validated config it was created with.
+    pub config: VmConfig,
+    /// Its private directory.
+    pub dir: String,
+    /// Pid of its supervisor, while running.
+    pub supervisor_pid: Option<u32>,
+    /// Pid of its QEMU, while running.
+    pub qemu_pid: Option<u32>,
+    /// Accelerator it runs on.
+    pub accelerator: Option<String>,
+    /// Why it is in the error state.
+    pub error: Option<String>,
+    /// Creation time, Unix seconds.
+    pub created_at: i64,
+    /// Last start time, Unix seconds.
+    pub started_at: Option<i64>,
+}
+
+/// A handle on the state database.
+pub struct Store {
+    conn: Connection,
+}
+
+fn db_err(context: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
+    move |source| Error::Store {
+        context: context.to_string(),
+        source,
+    }
+}
+
+impl Store {
+    /// Opens (creating and migrating as needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path).map_err(db_err("opening the database"))?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(db_err("setting busy timeout"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err("enabling WAL"))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db_err("setting synchronous"))?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(db_err("starting migration"))?;
+        let version: usize = tx
+            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+            .map_err(db_err("reading schema version"))? as usize;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            tx.execute_batch(sql).map_err(db_err("migrating schema"))?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(db_err("recording schema version"))?;
+        }
+        tx.commit().map_err(db_err("committing migration"))
+    }
+
+    /// Inserts a new VM; fails with [`Error::VmExists`] if the id is taken.
+    pub fn insert(&self, rec: &VmRecord) -> Result<()> {
+        let config = serde_json::to_string(&rec.config).unwrap_or_default();
+        let res = self.conn.execute(
+            "INSERT INTO vms (id, state, config, dir, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![rec.id, rec.state.as_str(), config, rec.dir, rec.created_at],
+        );
+        match res {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(Error::VmExists(rec.id.clone()))
+            }
+            Err(e) => Err(db_err("recording the VM")(e)),
+        }
+    }
+
+    /// Reads one VM.
+    pub fn get(&self, id: &str) -> Result<Option<VmRecord>> {
+        self.conn
+            .query_row(
+                "SELECT id, state, config, dir, supervisor_pid, qemu_pid, accelerator, error, created_at, started_at FROM vms WHERE id = ?1",
+                params![id],
+                row_to_record,
+            )
+            .optional()
+            .map_err(db_err("reading the VM"))
+    }
+
+    /// Reads every VM, oldest first.
+    pub fn list(&self) -> Result<Vec<VmRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, state, config, dir, supervisor_pid, qemu_pid, accelerator, error, created_at, started_at FROM vms ORDER BY created_at, id")
+            .map_err(db_err("listing VMs"))?;
+        let rows = stmt
+            .query_map([], row_to_record)
+            .map_err(db_err("listing VMs"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_err("listing VMs"))
+    }
+
+    /// Marks a VM running with its processes.
+    pub fn set_running(
+        &self,
+        id: &str,
+        supervisor_pid: u32,
+        qemu_pid: u32,
+        accel: &str,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE vms SET state='running', supervisor_pid=?2, qemu_pid=?3, accelerator=?4, error=NULL, started_at=?5 WHERE id=?1",
+                params![id, supervisor_pid, qemu_pid, accel, crate::util::now_unix()],
+            )
+            .map_err(db_err("recording the VM as running"))?;
+        Ok(())
+    }
+
+    /// Sets a VM's state (clearing its pids unless running) and error text.
+    pub fn set_state(&self, id: &str, state: VmState, error: Option<&str>) -> Result<()> {
+        let sql = if state == VmState::Running {
+            "UPDATE vms SET state=?2, error=?3 WHERE id=?1"
+        } else {
+            "UPDATE vms SET state=?2, error=?3, supervisor_pid=NULL, qemu_pid=NULL WHERE id=?1"
+        };
+        self.conn
+            .execute(sql, params![id, state.as_str(), error])
+            .map_err(db_err("updating the VM's state"))?;
+        Ok(())
+    }
+
+    /// Removes a VM's row.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM vms WHERE id=?1", params![id])
+            .map_err(db_err("removing the VM"))?;
+        Ok(())
+    }
+}
+
+fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
+    let config: String = r.get(2)?;
+    let state: String = r.get(1)?;
+    Ok(VmRecord {
+        id: r.get(0)?,
+        state: VmState::parse(&state),
+        config: serde_json::from_str(&config).unwrap_or_default(),
+        dir: r.get(3)?,
+        supervisor_pid: r.get(4)?,
+        qemu_pid: r.get(5)?,
+        accelerator: r.get(6)?,
+        error: r.get(7)?,
+        created_at: r.get(8)?,
+        started_at: r.get(9)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            state: VmState::Created,
+            config: VmConfig::default(),
+            dir: "/nonexistent".into(),
+            supervisor_pid: None,
+            qemu_pid: None,
+            accelerator: None,
+            error: None,
+            created_at: 1,
+            started_at: None,
+        }
+    }
+
+    #[test]
+    fn insert_get_update_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        s.insert(&rec("a")).unwrap();
+        assert!(matches!(s.insert(&rec("a")), Err(Error::VmExists(_))));
+        s.set_running("a", 10, 11, "tcg").unwrap();
+        let r = s.get("a").unwrap().unwrap();
+        assert_eq!(r.state, VmState::Running);
+        assert_eq!(r.qemu_pid, Some(11));
+        s.set_state("a", VmState::Error, Some("boom")).unwrap();
+        let r = s.get("a").unwrap().unwrap();
+        assert_eq!(
+            (r.state, r.error.as_deref(), r.qemu_pid),
+            (VmState::Error, Some("boom"), None)
+        );
+        assert_eq!(s.list().unwrap().len(), 1);
+        s.delete("a").unwrap();
+        assert!(s.get("a").unwrap().is_none());
+        // Reopening keeps the schema version and does not re-run migrations.
+        drop(s);
+        Store::open(&dir.path().join("db")).unwrap();
+    }
+}

@@ -1,0 +1,166 @@
+//! The supervisor's one connection to the guest agent: a yamux session (host side in client
+//! mode) over the virtio-serial socket, driven by one task, from which request streams open.
+
+use std::future::poll_fn;
+use std::task::Poll;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use smolvm_protocol::{
+    decode, encode, GuestMessage, Hello, HelloReply, HostMessage, PROTOCOL_VERSION,
+};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::codec::Framed;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+use crate::error::{Error, Result};
+
+/// A framed request stream to the agent.
+pub type AgentStream = Framed<Compat<yamux::Stream>, tokio_util::codec::LengthDelimitedCodec>;
+
+type OpenReply = oneshot::Sender<std::result::Result<yamux::Stream, String>>;
+
+/// Handle for opening streams on the agent session.
+#[derive(Clone)]
+pub struct AgentLink {
+    open_tx: mpsc::Sender<OpenReply>,
+    closed: watch::Receiver<Option<String>>,
+}
+
+impl AgentLink {
+    /// Starts driving a yamux session over `io`.
+    pub fn spawn(io: UnixStream) -> AgentLink {
+        let (open_tx, mut open_rx) = mpsc::channel::<OpenReply>(64);
+        let (closed_tx, closed) = watch::channel(None);
+        tokio::spawn(async move {
+            let mut cfg = yamux::Config::default();
+            cfg.set_max_num_streams(256);
+            let mut conn = yamux::Connection::new(io.compat(), cfg, yamux::Mode::Client);
+            let mut pending: Option<OpenReply> = None;
+            let mut requests_open = true;
+            let reason = poll_fn(|cx| {
+                loop {
+                    if pending.is_none() && requests_open {
+                        match open_rx.poll_recv(cx) {
+                            Poll::Ready(Some(r)) => pending = Some(r),
+                            Poll::Ready(None) => requests_open = false,
+                            Poll::Pending => {}
+                        }
+                    }
+                    let Some(_) = pending.as_ref() else { break };
+                    match conn.poll_new_outbound(cx) {
+                        Poll::Ready(res) => {
+                            if let Some(reply) = pending.take() {
+                                let _ = reply.send(res.map_err(|e| e.to_string()));
+                            }
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                loop {
+                    match conn.poll_next_inbound(cx) {
+                        // The agent never opens streams; refuse any it does.
+                        Poll::Ready(Some(Ok(stream))) => drop(stream),
+                        Poll::Ready(Some(Err(e))) => {
+                            return Poll::Ready(format!("agent connection failed: {e}"))
+                        }
+                        Poll::Ready(None) => {
+                            return Poll::Ready("agent connection closed".to_string())
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+            })
+            .await;
+            tracing::warn!(%reason, "agent session ended");
+            if let Some(reply) = pending.take() {
+                let _ = reply.send(Err(reason.clone()));
+            }
+            let _ = closed_tx.send(Some(reason));
+            // Answer any later open requests with the reason instead of hanging them.
+            while let Some(r) = open_rx.recv().await {
+                let _ = r.send(Err("agent session has ended".into()));
+            }
+        });
+        AgentLink { open_tx, closed }
+    }
+
+    /// Why the session ended, if it has.
+    pub fn closed_reason(&self) -> Option<String> {
+        self.closed.borrow().clone()
+    }
+
+    /// Opens a new framed stream to the agent.
+    pub async fn open(&self) -> Result<AgentStream> {
+        let (tx, rx) = oneshot::channel();
+        let gone = |r: String| Error::Agent(format!("cannot reach the guest agent: {r}"));
+        self.open_tx
+            .send(tx)
+            .await
+            .map_err(|_| gone("agent session has ended".into()))?;
+        let stream = tokio::time::timeout(Duration::from_secs(10), rx)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "a new agent stream".into(),
+                secs: 10.0,
+            })?
+            .map_err(|_| gone("agent session has ended".into()))?
+            .map_err(gone)?;
+        Ok(Framed::new(stream.compat(), smolvm_protocol::codec()))
+    }
+
+    /// Performs the versioned handshake; the VM is ready when it returns.
+    pub async fn handshake(&self, hostname: &str) -> Result<HelloReply> {
+        let mut s = self.open().await?;
+        let mut entropy = vec![0u8; 64];
+        crate::util::random_bytes(&mut entropy);
+        let hello = HostMessage::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            host_time_unix_ns: crate::util::now_unix_ns(),
+            hostname: hostname.to_string(),
+            entropy: entropy.into(),
+        });
+        send(&mut s, &hello).await?;
+        match recv(&mut s).await? {
+            Some(GuestMessage::Hello(reply)) => {
+                if reply.protocol_version != PROTOCOL_VERSION {
+                    return Err(Error::Agent(format!(
+                        "the image's agent speaks protocol {} but this smolvm speaks {}; rebuild the image with `smolvm image build --force`",
+                        reply.protocol_version, PROTOCOL_VERSION
+                    )));
+                }
+                Ok(reply)
+            }
+            Some(GuestMessage::Error(e)) => Err(Error::Agent(e)),
+            Some(other) => Err(Error::Agent(format!(
+                "unexpected handshake reply: {other:?}"
+            ))),
+            None => Err(Error::Agent("agent closed the handshake stream".into())),
+        }
+    }
+}
+
+/// Sends one message on an agent stream.
+pub async fn send(s: &mut AgentStream, msg: &HostMessage) -> Result<()> {
+    let bytes = encode(msg).map_err(|source| Error::Protocol {
+        peer: "guest agent",
+        source,
+    })?;
+    s.send(bytes::Bytes::from(bytes))
+        .await
+        .map_err(|e| Error::Agent(format!("sending to the agent failed: {e}")))
+}
+
+/// Receives one message from an agent stream (`None` at end of stream). Everything the
+/// guest sends is decoded with bounds; garbage is an error, never a panic.
+pub async fn recv(s: &mut AgentStream) -> Result<Option<GuestMessage>> {
+    match s.next().await {
+        None => Ok(None),
+        Some(Err(e)) => Err(Error::Agent(format!("reading from the agent failed: {e}"))),
+        Some(Ok(bytes)) => decode(&bytes).map(Some).map_err(|source| Error::Protocol {
+            peer: "guest agent",
+            source,
+        }),
+    }
+}

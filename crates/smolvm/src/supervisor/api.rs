@@ -1,0 +1,149 @@
+//! The VM's API socket: one request per connection, from any local process of the owner.
+
+use std::sync::Arc;
+
+use futures::{SinkExt, StreamExt};
+use smolvm_protocol::{
+    decode, encode, ApiReply, ApiRequest, ExecRequest, GuestMessage, HostMessage, VmStatus,
+};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+
+use super::agent_link::{self, AgentLink};
+
+/// What request handlers share.
+pub struct Shared {
+    /// The agent session.
+    pub link: AgentLink,
+    /// The status reported to clients.
+    pub status: VmStatus,
+    /// Asks the main loop to stop the VM; the sender gets told when it is done.
+    pub stop_tx: mpsc::Sender<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
+type ClientFramed = Framed<UnixStream, tokio_util::codec::LengthDelimitedCodec>;
+
+/// Whether the peer runs as our own user (or root).
+pub fn peer_allowed(stream: &UnixStream) -> bool {
+    match stream.peer_cred() {
+        Ok(cred) => {
+            let me = nix::unistd::geteuid().as_raw();
+            cred.uid() == me || cred.uid() == 0
+        }
+        Err(_) => false,
+    }
+}
+
+/// Serves one client connection.
+pub async fn handle(stream: UnixStream, shared: Arc<Shared>) {
+    if !peer_allowed(&stream) {
+        tracing::warn!("refused API connection from another user");
+        return;
+    }
+    let mut client = Framed::new(stream, smolvm_protocol::codec());
+    let req = match tokio::time::timeout(std::time::Duration::from_secs(10), client.next()).await {
+        Ok(Some(Ok(bytes))) => match decode::<ApiRequest>(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = reply(&mut client, &ApiReply::Error(format!("bad request: {e}"))).await;
+                return;
+            }
+        },
+        _ => return,
+    };
+    match req {
+        ApiRequest::Status => {
+            let _ = reply(&mut client, &ApiReply::Status(shared.status.clone())).await;
+        }
+        ApiRequest::Stop { graceful_ms } => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if shared.stop_tx.send((graceful_ms, tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+            let _ = reply(&mut client, &ApiReply::Ok).await;
+        }
+        ApiRequest::Exec(req) => relay_exec(client, &shared.link, req).await,
+    }
+}
+
+async fn reply(client: &mut ClientFramed, r: &ApiReply) -> Result<(), ()> {
+    let bytes = encode(r).map_err(|_| ())?;
+    client.send(bytes::Bytes::from(bytes)).await.map_err(|_| ())
+}
+
+async fn to_client(client: &mut ClientFramed, m: &GuestMessage) -> bool {
+    match encode(m) {
+        Ok(bytes) => client.send(bytes::Bytes::from(bytes)).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Relays one exec between a client and a fresh agent stream. Guest frames are decoded
+/// (bounded) and re-encoded, so nothing malformed reaches the client; client frames other
+/// than stdin and signals are refused.
+async fn relay_exec(mut client: ClientFramed, link: &AgentLink, req: ExecRequest) {
+    let mut agent = match link.open().await {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = to_client(&mut client, &GuestMessage::Error(e.to_string())).await;
+            return;
+        }
+    };
+    if let Err(e) = agent_link::send(&mut agent, &HostMessage::Exec(req)).await {
+        let _ = to_client(&mut client, &GuestMessage::Error(e.to_string())).await;
+        return;
+    }
+    loop {
+        tokio::select! {
+            m = client.next() => {
+                let msg = match m {
+                    Some(Ok(bytes)) => decode::<HostMessage>(&bytes).ok(),
+                    _ => None,
+                };
+                match msg {
+                    Some(m @ (HostMessage::Stdin(_) | HostMessage::StdinEof | HostMessage::Signal(_))) => {
+                        if agent_link::send(&mut agent, &m).await.is_err() {
+                            let reason = link.closed_reason().unwrap_or_else(|| "agent stream failed".into());
+                            let _ = to_client(&mut client, &GuestMessage::Error(format!("the guest agent went away: {reason}"))).await;
+                            return;
+                        }
+                    }
+                    Some(_) => {
+                        let _ = to_client(&mut client, &GuestMessage::Error("only stdin and signals may follow an exec request".into())).await;
+                        let _ = agent_link::send(&mut agent, &HostMessage::Signal(9)).await;
+                        return;
+                    }
+                    None => {
+                        // The client went away: kill the process, no orphans.
+                        let _ = agent_link::send(&mut agent, &HostMessage::Signal(9)).await;
+                        return;
+                    }
+                }
+            }
+            m = agent_link::recv(&mut agent) => {
+                match m {
+                    Ok(Some(msg)) => {
+                        let last = matches!(msg, GuestMessage::Exited(_) | GuestMessage::Error(_));
+                        if !to_client(&mut client, &msg).await {
+                            let _ = agent_link::send(&mut agent, &HostMessage::Signal(9)).await;
+                            return;
+                        }
+                        if last {
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        // Give the session driver a moment to record why it ended.
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        let reason = link
+                            .closed_reason()
+                            .unwrap_or_else(|| "the agent closed the stream without an exit status".into());
+                        let _ = to_client(&mut client, &GuestMessage::Error(format!("the guest agent went away: {reason}"))).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The per-VM supervisor process: spawns QEMU as its child, owns the agent channel, serves
+//! the VM's API socket and records the VM's end in the state database. It outlives the
+//! client that started it; `stop` (or QEMU dying) ends it.
+
+pub mod agent_link;
+pub mod api;
+pub mod console;
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use smolvm_protocol::{HelloReply, VmStatus};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::error::{io_err, Error, Result};
+use crate::hypervisor::qemu::QemuMicrovm;
+use crate::hypervisor::qmp::Qmp;
+use crate::hypervisor::{Backend, Endpoints, LaunchSpec};
+use crate::store::{Store, VmState};
+
+/// Lines the supervisor writes to its stdout while starting, one JSON object per line;
+/// the client that spawned it reads them to time the phases.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartupEvent {
+    /// QEMU is running.
+    Started {
+        /// QEMU's pid.
+        qemu_pid: u32,
+    },
+    /// The agent handshake completed.
+    Ready {
+        /// The agent's answer.
+        hello: HelloReply,
+    },
+    /// Starting failed.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// File names inside a VM's directory.
+pub mod files {
+    /// Launch spec written by the client.
+    pub const SPEC: &str = "spec.json";
+    /// The VM's API socket.
+    pub const API_SOCK: &str = "api.sock";
+    /// Socket QEMU's agent port connects to.
+    pub const AGENT_SOCK: &str = "agent.sock";
+    /// Socket QEMU's serial console connects to.
+    pub const CONSOLE_SOCK: &str = "console.sock";
+    /// Socket QEMU's monitor connects to.
+    pub const QMP_SOCK: &str = "qmp.sock";
+    /// Guest console output.
+    pub const CONSOLE_LOG: &str = "console.log";
+    /// The supervisor's own log (and QEMU's stderr).
+    pub const SUPERVISOR_LOG: &str = "supervisor.log";
+    /// Held locked by the running supervisor.
+    pub const LOCK: &str = "supervisor.lock";
+}
+
+/// Entry point of `smolvm __supervise DIR`. Returns the process exit code.
+pub fn main(vm_dir: &Path) -> i32 {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            emit(&StartupEvent::Failed {
+                reason: format!("cannot start the supervisor runtime: {e}"),
+            });
+            return 1;
+        }
+    };
+    match rt.block_on(run(vm_dir)) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "supervisor failed");
+            emit(&StartupEvent::Failed {
+                reason: e.to_string(),
+            });
+            1
+        }
+    }
+}
+
+fn emit(ev: &StartupEvent) {
+    if let Ok(line) = serde_json::to_string(ev) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+/// Points stdout at /dev/null so the client's pipe closes once start-up is reported.
+fn detach_stdout() {
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto fd 1 with a valid open fd.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
+}
+
+fn bind(path: &Path) -> Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).map_err(io_err(format!("listening on {}", path.display())))
+}
+
+async fn accept(l: &UnixListener, what: &str, timeout: Duration) -> Result<UnixStream> {
+    match tokio::time::timeout(timeout, l.accept()).await {
+        Ok(Ok((s, _))) => Ok(s),
+        Ok(Err(e)) => Err(io_err(format!("accepting QEMU's {what} connection"))(e)),
+        Err(_) => Err(Error::Timeout {
+            what: format!("QEMU to connect its {what}"),
+            secs: timeout.as_secs_f64(),
+        }),
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(6).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("QEMU exited with code {c}"),
+            (_, Some(sig)) => format!("QEMU was killed by signal {sig}"),
+            _ => "QEMU exited".into(),
+        },
+        Err(e) => format!("lost track of QEMU: {e}"),
+    }
+}
+
+async fn run(vm_dir: &Path) -> Result<()> {
+    let spec_path = vm_dir.join(files::SPEC);
+    let spec: LaunchSpec = serde_json::from_slice(
+        &std::fs::read(&spec_path).map_err(io_err(format!("reading {}", spec_path.display())))?,
+    )
+    .map_err(|e| Error::StartFailed {
+        id: vm_dir.display().to_string(),
+        reason: format!("bad launch spec: {e}"),
+    })?;
+
+    // One supervisor per VM: hold an exclusive lock for our whole life.
+    let lock_path = vm_dir.join(files::LOCK);
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(format!("opening {}", lock_path.display())))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| Error::BadState {
+            id: spec.id.clone(),
+            state: "running".into(),
+            hint: "another supervisor already runs this VM".into(),
+        })?;
+
+    let ep = Endpoints {
+        agent: vm_dir.join(files::AGENT_SOCK),
+        console: vm_dir.join(files::CONSOLE_SOCK),
+        control: vm_dir.join(files::QMP_SOCK),
+    };
+    let agent_l = bind(&ep.agent)?;
+    let console_l = bind(&ep.console)?;
+    let qmp_l = bind(&ep.control)?;
+    let api_path = vm_dir.join(files::API_SOCK);
+
+    let backend = QemuMicrovm;
+    let mut cmd = backend.command(&spec, &ep)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(vm_dir.join(files::SUPERVISOR_LOG))
+        .map_err(io_err("opening supervisor.log"))?;
+    let log2 = log
+        .try_clone()
+        .map_err(io_err("duplicating the log handle"))?;
+    let my_pid = std::process::id() as i32;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // QEMU dies with its supervisor, whatever kills the supervisor.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != my_pid {
+                return Err(std::io::Error::other("supervisor exited during spawn"));
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(io_err("starting qemu-system-x86_64"))?;
+    let qemu_pid = child.id().unwrap_or(0);
+    emit(&StartupEvent::Started { qemu_pid });
+
+    let boot = async {
+        let console = accept(&console_l, "serial console", Duration::from_secs(10)).await?;
+        tokio::spawn(console::capture(console, vm_dir.join(files::CONSOLE_LOG)));
+        let qmp_stream = accept(&qmp_l, "monitor", Duration::from_secs(10)).await?;
+        let qmp = Qmp::negotiate(qmp_stream, Duration::from_secs(10)).await?;
+        let agent = accept(&agent_l, "agent port", Duration::from_secs(10)).await?;
+        let link = agent_link::AgentLink::spawn(agent);
+        let hello = tokio::time::timeout(
+            Duration::from_secs(spec.ready_timeout_secs),
+            link.handshake(&spec.id),
+        )
+        .await
+        .map_err(|_| Error::ReadyTimeout {
+            id: spec.id.clone(),
+            secs: spec.ready_timeout_secs,
+            accel: spec.accelerator.to_string(),
+            console: vm_dir.join(files::CONSOLE_LOG),
+        })??;
+        Ok::<_, Error>((qmp, link, hello))
+    };
+    let (mut qmp, link, hello) = tokio::select! {
+        r = boot => r?,
+        status = child.wait() => {
+            let why = describe_exit(status);
+            return Err(Error::StartFailed {
+                id: spec.id.clone(),
+                reason: format!("{why} while booting: {}", log_tail(&vm_dir.join(files::SUPERVISOR_LOG))),
+            });
+        }
+    };
+    tracing::info!(id = %spec.id, ms = started.elapsed().as_millis() as u64, "agent ready");
+    let api_l = bind(&api_path)?;
+    if let Ok(store) = Store::open(&spec.db_path) {
+        let _ = store.set_running(
+            &spec.id,
+            std::process::id(),
+            qemu_pid,
+            spec.accelerator.as_str(),
+        );
+    }
+    emit(&StartupEvent::Ready {
+        hello: hello.clone(),
+    });
+    detach_stdout();
+
+    let (stop_tx, mut stop_rx) = mpsc::channel(4);
+    let shared = Arc::new(api::Shared {
+        link: link.clone(),
+        status: VmStatus {
+            qemu_pid,
+            accelerator: spec.accelerator.to_string(),
+            ready: true,
+            guest: Some(hello),
+        },
+        stop_tx,
+    });
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io_err("installing SIGTERM handler"))?;
+
+    let (end_state, end_reason, done): (
+        VmState,
+        Option<String>,
+        Option<tokio::sync::oneshot::Sender<()>>,
+    ) = loop {
+        tokio::select! {
+            conn = api_l.accept() => {
+                if let Ok((s, _)) = conn {
+                    tokio::spawn(api::handle(s, shared.clone()));
+                }
+            }
+            status = child.wait() => {
+                let why = describe_exit(status);
+                tracing::warn!(%why, "QEMU ended");
+                break (VmState::Error, Some(why), None);
+            }
+            req = stop_rx.recv() => {
+                let (graceful_ms, done) = match req {
+                    Some(r) => (r.0, Some(r.1)),
+                    None => (0, None),
+                };
+                shutdown(&mut child, &mut qmp, &link, graceful_ms).await;
+                break (VmState::Stopped, None, done);
+            }
+            _ = sigterm.recv() => {
+                shutdown(&mut child, &mut qmp, &link, 0).await;
+                break (VmState::Stopped, None, None);
+            }
+        }
+    };
+    for p in [&api_path, &ep.agent, &ep.console, &ep.control] {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Ok(store) = Store::open(&spec.db_path) {
+        let _ = store.set_state(&spec.id, end_state, end_reason.as_deref());
+    }
+    if let Some(done) = done {
+        let _ = done.send(());
+        // Let the stop requester read its reply before we exit.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Ends QEMU: optionally flush the guest's disks through the agent, then QMP `quit`, then
+/// SIGKILL, each step with a deadline.
+async fn shutdown(
+    child: &mut tokio::process::Child,
+    qmp: &mut Qmp,
+    link: &agent_link::AgentLink,
+    graceful_ms: u64,
+) {
+    if graceful_ms > 0 {
+        let sync = async {
+            let mut s = link.open().await?;
+            agent_link::send(
+                &mut s,
+                &smolvm_protocol::HostMessage::Exec(smolvm_protocol::ExecRequest {
+                    command: smolvm_protocol::Command::Argv(vec!["sync".into()]),
+                    env: vec![],
+                    cwd: None,
+                    stdin: false,
+                    timeout_ms: Some(graceful_ms),
+                    max_output_bytes: 4096,
+                }),
+            )
+            .await?;
+            while let Some(m) = agent_link::recv(&mut s).await? {
+                if matches!(
+                    m,
+                    smolvm_protocol::GuestMessage::Exited(_)
+                        | smolvm_protocol::GuestMessage::Error(_)
+                ) {
+                    break;
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(graceful_ms), sync).await;
+    }
+    let _ = qmp.execute("quit", None, Duration::from_millis(500)).await;
+    if tokio::time::timeout(Duration::from_secs(2), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+}
+
+/// Where the `smolvm` binary that hosts the supervisor lives: `SMOLVM_BIN`, this program if
+/// it is `smolvm`, a `smolvm` beside it, or `smolvm` on `PATH`.
+pub fn supervisor_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SMOLVM_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == "smolvm") {
+            return Ok(exe);
+        }
+        if let Some(sib) = exe.parent().map(|d| d.join("smolvm")) {
+            if sib.is_file() {
+                return Ok(sib);
+            }
+        }
+    }
+    crate::util::which("smolvm").ok_or_else(|| Error::StartFailed {
+        id: String::new(),
+        reason: "cannot find the `smolvm` binary that runs VM supervisors; put it on PATH or set SMOLVM_BIN".into(),
+    })
+}
