@@ -51,9 +51,14 @@ fn qemu_killed_gives_an_error_not_a_hang() {
 fn agent_killed_in_the_guest_gives_an_error_not_a_hang() {
     let vm = common::fresh_vm();
     let t = Instant::now();
-    // The agent's server process is PID 1's child; kill it from inside the guest.
+    // The agent's server is the child of PID 1 running PID 1's binary; kill it from inside
+    // the guest, with this very command still waiting for its result.
     let res = vm.exec(
-        &ExecOptions::shell("kill -9 $(cat /run/smolvm-agent.pid); sleep 600")
+        &ExecOptions::shell(
+            "for p in $(ps -o pid= --ppid 1); do \
+               [ \"$(readlink /proc/$p/exe)\" = \"$(readlink /proc/1/exe)\" ] && kill -9 $p; \
+             done; sleep 600",
+        )
             .timeout(Duration::from_secs(120)),
     );
     assert!(res.is_err(), "exec survived the agent's death: {res:?}");
