@@ -1,1 +1,57 @@
-fn main() {}
+//! `smolvm-agent`: the guest side of smolvm.
+//!
+//! As PID 1 (`/init` of the guest's initramfs) it loads the virtio drivers, mounts the root
+//! disk, switches into it, forks the server and stays on as the reaper. The server speaks
+//! `smolvm-protocol` over yamux on the virtio-serial port `org.smolvm.agent`. With
+//! `--listen-unix PATH` it serves the same protocol on a Unix socket and does nothing else,
+//! so the host side can be tested without a VM.
+
+mod cli;
+mod cmdline;
+mod error;
+mod exec;
+mod handshake;
+mod init;
+mod logging;
+mod modules;
+mod mounts;
+mod mux;
+mod net;
+mod port;
+mod reaper;
+mod request;
+mod server;
+mod spawn;
+
+use cli::{Invocation, Mode};
+use server::{Endpoint, ServerConfig};
+
+fn main() {
+    let is_pid1 = std::process::id() == 1;
+    let opts = match cli::parse(std::env::args_os().skip(1), is_pid1) {
+        Ok(Invocation::Run(opts)) => opts,
+        Ok(Invocation::Help) => {
+            println!("{}", cli::USAGE);
+            return;
+        }
+        Ok(Invocation::Version) => {
+            println!("smolvm-agent {}", env!("CARGO_PKG_VERSION"));
+            return;
+        }
+        Err(e) => {
+            eprintln!("smolvm-agent: {e}");
+            std::process::exit(2);
+        }
+    };
+    let endpoint = match &opts.mode {
+        Mode::Init => init::run(&opts),
+        Mode::Serve { port } => Endpoint::Port(port.clone()),
+        Mode::ListenUnix(path) => Endpoint::Unix(path.clone()),
+    };
+    let env_log = std::env::var("SMOLVM_AGENT_LOG").ok();
+    logging::init(opts.log.as_deref().or(env_log.as_deref()));
+    let cfg = ServerConfig {
+        apply_identity: opts.apply_identity,
+    };
+    std::process::exit(server::run(endpoint, cfg));
+}

@@ -1,0 +1,121 @@
+//! The one error type of the agent.
+
+use std::io;
+use std::path::PathBuf;
+
+use nix::errno::Errno;
+
+/// Everything that can go wrong in the agent, from booting the guest to running a command.
+///
+/// Variants that answer an exec request are shown to the host as-is
+/// (`GuestMessage::Error(err.to_string())`), so their messages are written for a user.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The command line of the agent binary was wrong.
+    #[error("{0}\n\n{usage}", usage = crate::cli::USAGE)]
+    Usage(String),
+    /// A system call failed.
+    #[error("{what}: {errno}", errno = .source.desc())]
+    Sys {
+        /// What we were doing.
+        what: String,
+        /// The error number it returned.
+        #[source]
+        source: Errno,
+    },
+    /// A file or socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The root disk did not appear in time.
+    #[error("root device {device} did not appear within {waited_ms} ms")]
+    RootDeviceMissing {
+        /// The device path we waited for.
+        device: String,
+        /// How long we waited.
+        waited_ms: u64,
+    },
+    /// No virtio-serial port carries the agent's name.
+    #[error("no virtio port named `{name}` appeared within {waited_ms} ms")]
+    AgentPortMissing {
+        /// The port name we looked for.
+        name: &'static str,
+        /// How long we waited.
+        waited_ms: u64,
+    },
+    /// The yamux session with the host failed.
+    #[error("agent session failed: {0}")]
+    Session(#[from] yamux::ConnectionError),
+    /// A message could not be framed, encoded or decoded.
+    #[error(transparent)]
+    Protocol(#[from] smolvm_protocol::ProtocolError),
+    /// An exec request had an empty argument vector.
+    #[error("empty command: argv needs at least the program name")]
+    EmptyArgv,
+    /// An argument contains a NUL byte.
+    #[error("argument {index} contains a NUL byte")]
+    NulInArgument {
+        /// Position of the argument in argv.
+        index: usize,
+    },
+    /// An environment variable name is not usable.
+    #[error("invalid environment variable name {name:?}: names must be non-empty and contain neither `=` nor NUL")]
+    InvalidEnvName {
+        /// The offending name.
+        name: String,
+    },
+    /// An environment variable value contains a NUL byte.
+    #[error("environment variable {name} has a value containing a NUL byte")]
+    NulInEnvValue {
+        /// The variable's name.
+        name: String,
+    },
+    /// The requested working directory does not exist.
+    #[error("working directory {} does not exist", .0.display())]
+    CwdMissing(PathBuf),
+    /// The requested working directory is not a directory.
+    #[error("working directory {} is not a directory", .0.display())]
+    CwdNotDirectory(PathBuf),
+    /// The process could not be started.
+    #[error("failed to start `{program}`: {reason}")]
+    Spawn {
+        /// The program we tried to run.
+        program: String,
+        /// The operating system's reason, e.g. "No such file or directory".
+        reason: String,
+    },
+}
+
+impl AgentError {
+    /// A failed system call, described by what we were doing.
+    pub fn sys(what: impl Into<String>, source: Errno) -> Self {
+        Self::Sys {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// A failed I/O operation, described by what we were doing.
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Self::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// The text of an I/O error without Rust's " (os error N)" suffix.
+pub fn os_reason(err: &io::Error) -> String {
+    match err.raw_os_error() {
+        Some(code) => Errno::from_raw(code).desc().to_owned(),
+        None => err.to_string(),
+    }
+}
+
+/// Result type of the agent.
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;

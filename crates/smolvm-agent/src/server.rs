@@ -1,0 +1,110 @@
+//! The agent server: where the protocol is served (the virtio port in a guest, a Unix socket
+//! in development), one yamux session at a time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+
+use crate::error::{AgentError, Result};
+use crate::{handshake, mux, port, request};
+
+/// Settings shared by every request of the server.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    /// Whether `Hello` may set the clock, hostname and entropy pool.
+    pub apply_identity: bool,
+}
+
+/// Where to serve.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// The virtio-serial port: this device, or the one named `org.smolvm.agent`.
+    Port(Option<PathBuf>),
+    /// A Unix socket at this path.
+    Unix(PathBuf),
+}
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Runs the server on a single-threaded runtime until it fails; returns the exit code.
+pub fn run(endpoint: Endpoint, cfg: ServerConfig) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let cfg = Arc::new(cfg);
+    let result = runtime.block_on(async move {
+        match endpoint {
+            Endpoint::Port(device) => serve_port(device, cfg).await,
+            Endpoint::Unix(path) => serve_unix(&path, cfg).await,
+        }
+    });
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e}");
+            1
+        }
+    }
+}
+
+/// Serves one session on `io` and logs how it ended.
+async fn serve_session<T>(io: T, cfg: &Arc<ServerConfig>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let result = mux::serve(io, |stream| request::handle(stream, Arc::clone(cfg))).await;
+    match result {
+        Ok(()) => tracing::debug!("host closed the session"),
+        Err(e) => tracing::warn!("{}", AgentError::from(e)),
+    }
+}
+
+/// Serves on the virtio port. When the host side closes (its supervisor went away, or it
+/// disconnects before a snapshot), the session ends and a fresh one starts once it reopens.
+async fn serve_port(device: Option<PathBuf>, cfg: Arc<ServerConfig>) -> Result<()> {
+    let device = match device {
+        Some(device) => device,
+        None => port::find_agent_port(port::PORT_WAIT).await?,
+    };
+    let port = port::Port::open(&device)?;
+    tracing::info!(
+        "serving on {} ({} ms since boot)",
+        device.display(),
+        handshake::boot_ms()
+    );
+    loop {
+        port.wait_host_connected().await?;
+        tracing::debug!("host connected");
+        serve_session(port.io(), &cfg).await;
+    }
+}
+
+/// Serves on a Unix socket, one connection (one session) at a time.
+async fn serve_unix(path: &Path, cfg: Arc<ServerConfig>) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| AgentError::io(format!("listen on {}", path.display()), e))?;
+    tracing::info!("listening on {}", path.display());
+    loop {
+        match listener.accept().await {
+            Ok((conn, _)) => serve_session(conn, &cfg).await,
+            Err(e) => {
+                tracing::warn!("accept on {} failed: {e}", path.display());
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
