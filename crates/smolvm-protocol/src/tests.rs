@@ -90,3 +90,44 @@ fn truncated_and_garbage_frames_are_errors() {
 fn empty_stream_is_clean_eof() {
     assert!(read_frame::<_, GuestMessage>(&mut &[][..]).unwrap().is_none());
 }
+
+/// A cheap stand-in for the fuzzer on every test run: random and mutated frames never
+/// panic the decoder and never allocate past the frame limit.
+#[test]
+fn garbage_never_panics() {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut valid = Vec::new();
+    write_frame(&mut valid, &sample_exec()).unwrap();
+    write_frame(
+        &mut valid,
+        &GuestMessage::Exited(ExitStatus {
+            code: Some(1),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    for i in 0..50_000 {
+        let len = (next() % 64) as usize;
+        let mut data: Vec<u8> = if i % 2 == 0 {
+            (0..len).map(|_| next() as u8).collect()
+        } else {
+            let mut v = valid.clone();
+            for _ in 0..=(next() % 4) {
+                let at = (next() as usize) % v.len();
+                v[at] = next() as u8;
+            }
+            v
+        };
+        let _ = decode::<GuestMessage>(&data);
+        let _ = decode::<HostMessage>(&data);
+        let mut r = &data[..];
+        while let Ok(Some(_)) = read_frame::<_, GuestMessage>(&mut r) {}
+        data.clear();
+    }
+}
