@@ -169,10 +169,12 @@ async fn execute(req: &ExecRequest, tx: &mut Sender, rx: Receiver) -> Result<Exi
     let mut exit: Option<(std::process::ExitStatus, Instant)> = None;
     let mut last_activity = Instant::now();
     loop {
-        let drain_deadline = exit.map(|(_, at)| (last_activity + DRAIN_IDLE).min(at + DRAIN_MAX));
         if exit.is_some() && !stdout.is_open() && !stderr.is_open() {
             break;
         }
+        // Quiet time is counted from the exit at the earliest.
+        let drain_deadline =
+            exit.map(|(_, at)| (last_activity.max(at) + DRAIN_IDLE).min(at + DRAIN_MAX));
         tokio::select! {
             read = stdout.read(), if stdout.is_open() => {
                 if let Some(chunk) = stdout.accept(read) {

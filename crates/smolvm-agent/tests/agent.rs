@@ -1,0 +1,380 @@
+//! End-to-end tests of the agent server over `--listen-unix`: the same code path as in a
+//! guest, with the commands running on this machine.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures::SinkExt;
+use serde_bytes::ByteBuf;
+use smolvm_protocol::{encode, GuestMessage, HostMessage, MAX_CHUNK, PROTOCOL_VERSION};
+use support::*;
+
+#[tokio::test]
+async fn handshake_reports_the_agent_and_answers_pings() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut r = client.open().await;
+    r.send(&hello(PROTOCOL_VERSION)).await;
+    let Some(GuestMessage::Hello(reply)) = r.recv().await else {
+        panic!("expected a hello reply");
+    };
+    assert_eq!(reply.protocol_version, PROTOCOL_VERSION);
+    assert_eq!(reply.agent_version, env!("CARGO_PKG_VERSION"));
+    let uname = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .unwrap();
+    assert_eq!(
+        reply.kernel_release,
+        String::from_utf8_lossy(&uname.stdout).trim()
+    );
+    assert!(!reply.hostname.is_empty());
+    assert!(reply.boot_ms > 0);
+    // The handshake stream keeps answering pings.
+    r.send(&HostMessage::Ping(7)).await;
+    assert_eq!(r.recv().await, Some(GuestMessage::Pong(7)));
+}
+
+#[tokio::test]
+async fn handshake_refuses_another_protocol_version() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut r = client.open().await;
+    r.send(&hello(PROTOCOL_VERSION + 1)).await;
+    assert_eq!(
+        r.recv().await,
+        Some(GuestMessage::Error(format!(
+            "protocol version mismatch: host speaks {}, agent speaks {PROTOCOL_VERSION}",
+            PROTOCOL_VERSION + 1
+        )))
+    );
+    assert_eq!(r.recv().await, None, "the stream ends after the error");
+}
+
+#[tokio::test]
+async fn ping_stream_answers_repeatedly() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut r = client.open().await;
+    for n in [1, 2, u64::MAX] {
+        r.send(&HostMessage::Ping(n)).await;
+        assert_eq!(r.recv().await, Some(GuestMessage::Pong(n)));
+    }
+}
+
+#[tokio::test]
+async fn echo_through_shell_and_argv() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let out = client.exec(shell("echo hello; echo world")).await;
+    assert_eq!(out.stdout_str(), "hello\nworld\n");
+    assert_eq!(out.exit().code, Some(0));
+    assert!(out.pid.is_some(), "Started comes first");
+    assert_eq!(out.after_end, 0);
+
+    // argv is not run through a shell: `$HOME` stays literal.
+    let out = client.exec(argv(&["echo", "a b", "$HOME"])).await;
+    assert_eq!(out.stdout_str(), "a b $HOME\n");
+    assert_eq!(out.exit().code, Some(0));
+}
+
+#[tokio::test]
+async fn exit_codes_and_signals() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    for code in [0, 1, 42] {
+        let exit = client.exec(shell(&format!("exit {code}"))).await.exit();
+        assert_eq!((exit.code, exit.signal), (Some(code), None));
+        assert!(!exit.timed_out);
+    }
+    let exit = client.exec(shell("kill -TERM $$")).await.exit();
+    assert_eq!((exit.code, exit.signal), (None, Some(15)));
+}
+
+#[tokio::test]
+async fn stderr_is_kept_apart() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let out = client
+        .exec(shell("echo out; echo err >&2; echo out2"))
+        .await;
+    assert_eq!(out.stdout_str(), "out\nout2\n");
+    assert_eq!(out.stderr, b"err\n");
+}
+
+#[tokio::test]
+async fn environment_and_working_directory() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut req =
+        shell("printf '%s|%s|%s|%s|%s' \"$FOO\" \"$HOME\" \"$TERM\" \"$PATH\" \"$(pwd)\"");
+    req.env = vec![
+        ("FOO".into(), "bar = baz".into()),
+        ("TERM".into(), "xterm".into()),
+    ];
+    req.cwd = Some(dir.path().to_string_lossy().into_owned());
+    let out = client.exec(req).await;
+    assert_eq!(
+        out.stdout_str(),
+        format!(
+            "bar = baz|/root|xterm|/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|{}",
+            dir.path().canonicalize().unwrap().display()
+        )
+    );
+    // Nothing of the agent's own environment leaks through (the shell may add PWD, SHLVL, _).
+    let out = client.exec(shell("env | cut -d= -f1")).await;
+    let names: Vec<String> = out.stdout_str().lines().map(str::to_owned).collect();
+    for base in ["HOME", "LANG", "LOGNAME", "PATH", "TERM", "USER"] {
+        assert!(
+            names.iter().any(|n| n == base),
+            "{base} missing from {names:?}"
+        );
+    }
+    for name in &names {
+        assert!(
+            ["HOME", "LANG", "LOGNAME", "PATH", "TERM", "USER", "PWD", "SHLVL", "_"]
+                .contains(&name.as_str()),
+            "unexpected variable {name}"
+        );
+    }
+    // Default working directory.
+    let out = client.exec(argv(&["pwd"])).await;
+    let expected = if std::path::Path::new("/root").is_dir() {
+        "/root\n"
+    } else {
+        "/\n"
+    };
+    assert_eq!(out.stdout_str(), expected);
+}
+
+#[tokio::test]
+async fn bad_requests_get_errors() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut req = shell("true");
+    req.cwd = Some("/no/such/dir".into());
+    let out = client.exec(req).await;
+    assert_eq!(
+        out.error.as_deref(),
+        Some("working directory /no/such/dir does not exist")
+    );
+    assert_eq!(out.pid, None);
+
+    let out = client.exec(argv(&["no-such-program-smolvm"])).await;
+    assert_eq!(
+        out.error.as_deref(),
+        Some("failed to start `no-such-program-smolvm`: No such file or directory")
+    );
+
+    let out = client.exec(argv(&[])).await;
+    assert!(out.error.unwrap().contains("empty command"));
+
+    let mut req = shell("true");
+    req.env = vec![("A=B".into(), "x".into())];
+    let out = client.exec(req).await;
+    assert!(out
+        .error
+        .unwrap()
+        .contains("invalid environment variable name"));
+}
+
+#[tokio::test]
+async fn garbage_and_misplaced_first_frames_are_refused() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut r = client.open().await;
+    r.send_raw(vec![0xff; 40]).await;
+    let Some(GuestMessage::Error(e)) = r.recv().await else {
+        panic!("expected an error");
+    };
+    assert!(e.starts_with("malformed request"), "{e}");
+    assert_eq!(r.recv().await, None);
+
+    let mut r = client.open().await;
+    r.send(&HostMessage::Stdin(ByteBuf::from(b"x".to_vec())))
+        .await;
+    let Some(GuestMessage::Error(e)) = r.recv().await else {
+        panic!("expected an error");
+    };
+    assert!(e.contains("unexpected first message Stdin"), "{e}");
+
+    // The session survives all that.
+    assert!(matches!(client.handshake().await, GuestMessage::Hello(_)));
+}
+
+#[tokio::test]
+async fn stdin_round_trip() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut req = argv(&["cat"]);
+    req.stdin = true;
+    let r = client.open().await;
+    let (mut tx, mut rx) = r.split();
+    let input: Vec<u8> = (0..(1 << 20) + 123).map(|i| (i * 7 % 251) as u8).collect();
+    let sent = input.clone();
+    let writer = tokio::spawn(async move {
+        tx.send(encode(&HostMessage::Exec(req)).unwrap().into())
+            .await
+            .unwrap();
+        for chunk in sent.chunks(MAX_CHUNK) {
+            let msg = HostMessage::Stdin(ByteBuf::from(chunk.to_vec()));
+            tx.send(encode(&msg).unwrap().into()).await.unwrap();
+        }
+        tx.send(encode(&HostMessage::StdinEof).unwrap().into())
+            .await
+            .unwrap();
+        tx // keep our side open until the end
+    });
+    let out = collect_from(&mut rx).await;
+    let _tx = writer.await.unwrap();
+    assert_eq!(out.exit().code, Some(0));
+    assert_eq!(out.stdout.len(), input.len());
+    assert!(out.stdout == input);
+}
+
+#[tokio::test]
+async fn timeout_kills_the_whole_process_group() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut req = shell("sleep 600 & sleep 600");
+    req.timeout_ms = Some(300);
+    let start = Instant::now();
+    let out = client.exec(req).await;
+    let took = start.elapsed();
+    let exit = out.exit();
+    assert!(exit.timed_out);
+    assert_eq!(exit.signal, Some(9));
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let pgid = out.pid.unwrap();
+    wait_group_gone(pgid, Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn output_past_the_cap_is_dropped_and_flagged() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut req = shell("head -c 5242880 /dev/zero; echo small >&2");
+    req.max_output_bytes = 1 << 20;
+    let out = client.exec(req).await;
+    let exit = out.exit();
+    assert_eq!(exit.code, Some(0), "the producer is not blocked by the cap");
+    assert_eq!(out.stdout.len(), 1 << 20);
+    assert!(exit.stdout_truncated);
+    assert!(!exit.stderr_truncated);
+    assert_eq!(out.stderr, b"small\n");
+}
+
+#[tokio::test]
+async fn output_is_raw_bytes() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let out = client.exec(shell(r"printf '\377\376\000\001\n'")).await;
+    assert_eq!(out.stdout, [0xff, 0xfe, 0x00, 0x01, b'\n']);
+}
+
+#[tokio::test]
+async fn concurrent_execs_run_in_parallel() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let start = Instant::now();
+    let runs = (0..4).map(|i| client.exec(shell(&format!("sleep 0.5; echo {i}"))));
+    let outs = futures::future::join_all(runs).await;
+    let took = start.elapsed();
+    for (i, out) in outs.iter().enumerate() {
+        assert_eq!(out.stdout_str(), format!("{i}\n"));
+        assert_eq!(out.exit().code, Some(0));
+    }
+    assert!(
+        took < Duration::from_millis(1900),
+        "took {took:?}: not concurrent"
+    );
+}
+
+#[tokio::test]
+async fn closing_the_stream_kills_the_process() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut r = client.open().await;
+    r.send(&HostMessage::Exec(shell("sleep 600 & sleep 600")))
+        .await;
+    let Some(GuestMessage::Started { pid }) = r.recv().await else {
+        panic!("expected Started");
+    };
+    assert!(!live_group_members(pid).is_empty());
+    drop(r);
+    wait_group_gone(pid, Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn dropping_the_session_kills_running_processes() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut r = client.open().await;
+    r.send(&HostMessage::Exec(argv(&["sleep", "600"]))).await;
+    let Some(GuestMessage::Started { pid }) = r.recv().await else {
+        panic!("expected Started");
+    };
+    drop(client);
+    wait_group_gone(pid, Duration::from_secs(3)).await;
+    // The agent accepts the next session.
+    let client = agent.connect().await;
+    assert!(matches!(client.handshake().await, GuestMessage::Hello(_)));
+}
+
+#[tokio::test]
+async fn signals_reach_the_process_group() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut r = client.open().await;
+    r.send(&HostMessage::Exec(argv(&["sleep", "600"]))).await;
+    let Some(GuestMessage::Started { .. }) = r.recv().await else {
+        panic!("expected Started");
+    };
+    r.send(&HostMessage::Signal(0)).await; // invalid: ignored
+    r.send(&HostMessage::Signal(15)).await;
+    let exit = r.collect().await.exit();
+    assert_eq!(exit.signal, Some(15));
+    assert!(!exit.timed_out);
+}
+
+#[tokio::test]
+async fn background_process_holding_the_pipe_does_not_hang_the_exec() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let start = Instant::now();
+    let out = client.exec(shell("sleep 5 & echo done")).await;
+    let took = start.elapsed();
+    assert_eq!(out.stdout_str(), "done\n");
+    assert_eq!(out.exit().code, Some(0));
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // The background process was left running (that is allowed); clean it up.
+    let pgid = out.pid.unwrap();
+    assert!(!live_group_members(pgid).is_empty());
+    // SAFETY: signalling our own test's process group.
+    unsafe { libc::kill(-(pgid as i32), libc::SIGKILL) };
+}
+
+#[tokio::test]
+async fn garbage_on_the_connection_ends_only_that_session() {
+    use tokio::io::AsyncWriteExt;
+    let agent = Agent::start().await;
+    let mut raw = tokio::net::UnixStream::connect(&agent.socket)
+        .await
+        .unwrap();
+    raw.write_all(&[0xee; 4096]).await.unwrap();
+    drop(raw);
+    let client = agent.connect().await;
+    assert!(matches!(client.handshake().await, GuestMessage::Hello(_)));
+}
+
+#[tokio::test]
+async fn output_written_just_before_a_late_exit_is_delivered() {
+    // Regression: the post-exit drain window must count from the exit, not from the start.
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let out = client.exec(shell("sleep 0.4; echo late; echo late-err >&2")).await;
+    assert_eq!(out.stdout_str(), "late\n");
+    assert_eq!(out.stderr, b"late-err\n");
+}
