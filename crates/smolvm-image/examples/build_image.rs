@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run -p smolvm-image --example build_image -- AGENT [NAME] [--force] [--images-dir DIR]
+//!     [--package PKG]... [--size MIB]
 //! ```
 
 use std::path::PathBuf;
@@ -18,15 +19,21 @@ fn main() -> ExitCode {
     let mut positional = Vec::new();
     let mut force = false;
     let mut images_dir = None;
+    let mut packages = Vec::new();
+    let mut size = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--force" => force = true,
             "--images-dir" => images_dir = args.next().map(PathBuf::from),
+            "--package" => packages.extend(args.next()),
+            "--size" => size = args.next().and_then(|s| s.parse().ok()),
             _ => positional.push(arg),
         }
     }
     let Some(agent) = positional.first() else {
-        eprintln!("usage: build_image AGENT [NAME] [--force] [--images-dir DIR]");
+        eprintln!(
+            "usage: build_image AGENT [NAME] [--force] [--images-dir DIR] [--package PKG]... [--size MIB]"
+        );
         return ExitCode::from(2);
     };
     let mut opts = smolvm_image::BuildOptions::new(agent);
@@ -37,6 +44,10 @@ fn main() -> ExitCode {
         opts.images_dir = dir;
     }
     opts.force = force;
+    opts.extra_packages = packages;
+    if let Some(size) = size {
+        opts.rootfs_size_mib = size;
+    }
     opts.progress = true;
     match smolvm_image::build(&opts) {
         Ok(image) => {

@@ -22,6 +22,9 @@ use crate::tools::{self, APT_CACHE, BUILD_TOOLS};
 pub const DEFAULT_IMAGE: &str = "default";
 /// Default root filesystem size in MiB.
 pub const DEFAULT_ROOTFS_SIZE_MIB: u64 = 1024;
+/// Smallest root filesystem accepted: the base packages alone take about 280 MiB, plus
+/// ext4's journal and metadata.
+pub const MIN_ROOTFS_SIZE_MIB: u64 = 400;
 /// Directory inside the initramfs holding the kernel modules.
 pub const INITRAMFS_MODULES_DIR: &str = "/smolvm/modules";
 /// File inside the initramfs listing the module file names, one a line, in load order.
@@ -87,6 +90,12 @@ impl BuildOptions {
 pub fn build(opts: &BuildOptions) -> Result<Image, ImageError> {
     let started = Instant::now();
     store::validate_name(&opts.name)?;
+    if opts.rootfs_size_mib < MIN_ROOTFS_SIZE_MIB {
+        return Err(ImageError::RootfsTooSmall {
+            needed_mib: MIN_ROOTFS_SIZE_MIB,
+            size_mib: opts.rootfs_size_mib,
+        });
+    }
     let packages = opts.packages()?;
     let agent = read_agent(&opts.agent_binary)?;
     let agent_sha256 = manifest::hash_bytes(&agent);
@@ -94,6 +103,7 @@ pub fn build(opts: &BuildOptions) -> Result<Image, ImageError> {
     std::fs::create_dir_all(&opts.images_dir)
         .map_err(ImageError::io("cannot create", &opts.images_dir))?;
     let _lock = store::lock(&opts.images_dir, &opts.name)?;
+    store::clean_leftovers(&opts.images_dir, &opts.name);
 
     let mut steps = Steps::new(opts.progress);
     let kernel_package = steps.run("Resolving the kernel package", |_| kernel::resolve())?;
@@ -120,7 +130,6 @@ pub fn build(opts: &BuildOptions) -> Result<Image, ImageError> {
     }
 
     tools::require(BUILD_TOOLS)?;
-    store::clean_leftovers(&opts.images_dir, &opts.name);
     let staging = Staging::new(&opts.images_dir, &opts.name)?;
     let work = Work {
         opts,
@@ -425,6 +434,14 @@ mod tests {
         let empty = tmp.path().join("empty");
         std::fs::write(&empty, b"").unwrap();
         assert!(read_agent(&empty).is_err());
+    }
+
+    #[test]
+    fn tiny_rootfs_fails_before_any_work() {
+        let mut opts = BuildOptions::new("/nonexistent/agent");
+        opts.rootfs_size_mib = 100;
+        let err = build(&opts).unwrap_err().to_string();
+        assert!(err.contains("at least 400 MiB"), "{err}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 
 pub use build::{
     build, BuildOptions, DEFAULT_IMAGE, DEFAULT_ROOTFS_SIZE_MIB, INITRAMFS_MODULES_DIR,
-    INITRAMFS_MODULES_LIST,
+    INITRAMFS_MODULES_LIST, MIN_ROOTFS_SIZE_MIB,
 };
 pub use error::ImageError;
 pub use kernel::KERNEL_META_PACKAGE;
