@@ -374,7 +374,9 @@ async fn output_written_just_before_a_late_exit_is_delivered() {
     // Regression: the post-exit drain window must count from the exit, not from the start.
     let agent = Agent::start().await;
     let client = agent.connect().await;
-    let out = client.exec(shell("sleep 0.4; echo late; echo late-err >&2")).await;
+    let out = client
+        .exec(shell("sleep 0.4; echo late; echo late-err >&2"))
+        .await;
     assert_eq!(out.stdout_str(), "late\n");
     assert_eq!(out.stderr, b"late-err\n");
 }

@@ -1,0 +1,119 @@
+//! Checks against an agent running as PID 1 in a real guest. Skipped unless
+//! `SMOLVM_AGENT_GUEST_SOCKET` names the host end of the guest's agent port (a QEMU
+//! `-chardev socket,...,server=on` path), e.g. when debugging an image by hand.
+
+mod support;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_bytes::ByteBuf;
+use smolvm_protocol::{GuestMessage, Hello, HostMessage, PROTOCOL_VERSION};
+use support::*;
+
+const SOCKET_VAR: &str = "SMOLVM_AGENT_GUEST_SOCKET";
+
+async fn guest() -> Option<Client> {
+    let Ok(path) = std::env::var(SOCKET_VAR) else {
+        eprintln!("skipped: set {SOCKET_VAR} to run against a guest");
+        return None;
+    };
+    let io = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect to the guest's agent port");
+    Some(Client::new(io))
+}
+
+#[tokio::test]
+async fn guest_boots_hands_over_identity_and_runs_commands() {
+    let Some(client) = guest().await else { return };
+    let now_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut r = client.open().await;
+    r.send(&HostMessage::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        host_time_unix_ns: now_ns,
+        hostname: "guest-test".into(),
+        entropy: ByteBuf::from(vec![0x42; 64]),
+    }))
+    .await;
+    let Some(GuestMessage::Hello(reply)) = r.recv().await else {
+        panic!("expected a hello reply")
+    };
+    eprintln!("hello reply: {reply:?}");
+    assert_eq!(reply.hostname, "guest-test");
+
+    let out = client
+        .exec(shell(
+            "cat /proc/1/comm; hostname; date +%s; ls -d /dev/pts /dev/shm /dev/fd; \
+             grep -E ' (/|/tmp|/run|/dev/pts|/dev/shm|/proc|/sys|/dev) ' /proc/mounts | cut -d' ' -f2,3; \
+             cat /sys/class/net/lo/flags",
+        ))
+        .await;
+    eprintln!("{}", out.stdout_str());
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.exit().code, Some(0));
+    let text = out.stdout_str();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("init"), "PID 1 is the agent, as /init");
+    assert_eq!(lines.next(), Some("guest-test"));
+    let guest_secs: u64 = lines.next().unwrap().parse().unwrap();
+    assert!(
+        guest_secs.abs_diff(now_ns / 1_000_000_000) < 30,
+        "clock set from Hello"
+    );
+    assert!(text.contains("\n0x9\n"), "lo is up (IFF_UP | IFF_LOOPBACK)");
+    for mount in [
+        "/ ext4",
+        "/tmp tmpfs",
+        "/run tmpfs",
+        "/dev/pts devpts",
+        "/dev/shm tmpfs",
+    ] {
+        assert!(text.contains(mount), "{mount} missing");
+    }
+
+    // Timeouts kill the whole group in the guest too; PID 1 reaps the orphans.
+    let mut req = shell("sleep 600 & sleep 600");
+    req.timeout_ms = Some(500);
+    let out = client.exec(req).await;
+    assert!(out.exit().timed_out);
+    let pgid = out.pid.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = client
+        .exec(shell(&format!(
+            "ps -e -o pgid=,stat=,comm= | awk '$1 == {pgid}'"
+        )))
+        .await;
+    assert_eq!(
+        out.stdout_str(),
+        "",
+        "no process (not even a zombie) left in the group"
+    );
+}
+
+/// Ends the guest: `SMOLVM_AGENT_GUEST_END=poweroff` sends SIGPWR to PID 1 (clean power-off),
+/// `=crash` kills the server (PID 1 then reboots, which ends QEMU under `-no-reboot`).
+/// Either way the agent channel must close soon after.
+#[tokio::test]
+async fn guest_ends_on_power_off_or_server_crash() {
+    let Ok(how) = std::env::var("SMOLVM_AGENT_GUEST_END") else {
+        eprintln!("skipped: set SMOLVM_AGENT_GUEST_END=poweroff|crash");
+        return;
+    };
+    let Some(client) = guest().await else { return };
+    assert!(matches!(client.handshake().await, GuestMessage::Hello(_)));
+    let line = match how.as_str() {
+        "poweroff" => "kill -PWR 1; sleep 600",
+        "crash" => "kill -KILL $PPID; sleep 600",
+        other => panic!("unknown SMOLVM_AGENT_GUEST_END {other}"),
+    };
+    let mut r = client.open().await;
+    r.send(&HostMessage::Exec(shell(line))).await;
+    let out = r.collect().await;
+    assert!(
+        out.exit.is_none(),
+        "the stream ends with the guest: {out:?}"
+    );
+}
