@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::UnixListener;
 
@@ -25,6 +25,9 @@ pub enum Endpoint {
     /// A Unix socket at this path.
     Unix(PathBuf),
 }
+
+/// Shortest session that is not followed by a pause before the next one.
+const SESSION_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -85,7 +88,13 @@ async fn serve_port(device: Option<PathBuf>, cfg: Arc<ServerConfig>) -> Result<(
     loop {
         port.wait_host_connected().await?;
         tracing::debug!("host connected");
+        let started = Instant::now();
         serve_session(port.io(), &cfg).await;
+        // A session that fails at once (e.g. the host reconnecting in a loop) must not
+        // turn this into a busy loop.
+        if started.elapsed() < SESSION_BACKOFF {
+            tokio::time::sleep(SESSION_BACKOFF).await;
+        }
     }
 }
 

@@ -380,3 +380,15 @@ async fn output_written_just_before_a_late_exit_is_delivered() {
     assert_eq!(out.stdout_str(), "late\n");
     assert_eq!(out.stderr, b"late-err\n");
 }
+
+#[tokio::test]
+async fn commands_get_default_signal_dispositions() {
+    // The agent ignores SIGPIPE for itself; its commands must not inherit that.
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let out = client
+        .exec(shell("yes | head -c 1 >/dev/null; echo ${PIPESTATUS:-ok}"))
+        .await;
+    assert_eq!(out.stderr, b"", "no 'Broken pipe' complaint from yes");
+    assert_eq!(out.stdout_str(), "ok\n");
+}
