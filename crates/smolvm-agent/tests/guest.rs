@@ -1,6 +1,11 @@
 //! Checks against an agent running as PID 1 in a real guest. Skipped unless
 //! `SMOLVM_AGENT_GUEST_SOCKET` names the host end of the guest's agent port (a QEMU
-//! `-chardev socket,...,server=on` path), e.g. when debugging an image by hand.
+//! `-chardev socket,...,server=on` path), e.g. when debugging an image by hand. With
+//! `SMOLVM_AGENT_GUEST_END=poweroff` it then sends SIGPWR to PID 1 (clean power-off), with
+//! `=crash` it kills the server (PID 1 then reboots, which ends QEMU under `-no-reboot`).
+//!
+//! One test only: QEMU serves one connection at a time, and a quick disconnect/reconnect is
+//! not always visible to the guest (see the crate README).
 
 mod support;
 
@@ -48,11 +53,11 @@ async fn guest_boots_hands_over_identity_and_runs_commands() {
         .exec(shell(
             "cat /proc/1/comm; hostname; date +%s; ls -d /dev/pts /dev/shm /dev/fd; \
              grep -E ' (/|/tmp|/run|/dev/pts|/dev/shm|/proc|/sys|/dev) ' /proc/mounts | cut -d' ' -f2,3; \
-             cat /sys/class/net/lo/flags",
+             cat /sys/class/net/lo/flags; ps -o pid=,rss=,comm= -p 1,$PPID",
         ))
         .await;
     eprintln!("{}", out.stdout_str());
-    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    eprintln!("stderr: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.exit().code, Some(0));
     let text = out.stdout_str();
     let mut lines = text.lines();
@@ -83,27 +88,19 @@ async fn guest_boots_hands_over_identity_and_runs_commands() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = client
         .exec(shell(&format!(
-            "ps -e -o pgid=,stat=,comm= | awk '$1 == {pgid}'"
+            "ps -e -o pgid=,stat=,comm= >/tmp/ps.txt && awk '$1 == {pgid}' /tmp/ps.txt"
         )))
         .await;
+    assert_eq!(out.exit().code, Some(0), "ps works: {out:?}");
     assert_eq!(
         out.stdout_str(),
         "",
         "no process (not even a zombie) left in the group"
     );
-}
 
-/// Ends the guest: `SMOLVM_AGENT_GUEST_END=poweroff` sends SIGPWR to PID 1 (clean power-off),
-/// `=crash` kills the server (PID 1 then reboots, which ends QEMU under `-no-reboot`).
-/// Either way the agent channel must close soon after.
-#[tokio::test]
-async fn guest_ends_on_power_off_or_server_crash() {
     let Ok(how) = std::env::var("SMOLVM_AGENT_GUEST_END") else {
-        eprintln!("skipped: set SMOLVM_AGENT_GUEST_END=poweroff|crash");
         return;
     };
-    let Some(client) = guest().await else { return };
-    assert!(matches!(client.handshake().await, GuestMessage::Hello(_)));
     let line = match how.as_str() {
         "poweroff" => "kill -PWR 1; sleep 600",
         "crash" => "kill -KILL $PPID; sleep 600",
@@ -111,9 +108,12 @@ async fn guest_ends_on_power_off_or_server_crash() {
     };
     let mut r = client.open().await;
     r.send(&HostMessage::Exec(shell(line))).await;
+    let Some(GuestMessage::Started { .. }) = r.recv().await else {
+        panic!("expected Started");
+    };
     let out = r.collect().await;
     assert!(
-        out.exit.is_none(),
+        out.exit.is_none() && out.error.is_none(),
         "the stream ends with the guest: {out:?}"
     );
 }
