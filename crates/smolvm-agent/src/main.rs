@@ -22,6 +22,7 @@ mod reaper;
 mod request;
 mod server;
 mod spawn;
+mod splitter;
 
 use cli::{Invocation, Mode};
 use server::{Endpoint, ServerConfig};

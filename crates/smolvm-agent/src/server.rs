@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::net::UnixListener;
 
 use crate::error::{AgentError, Result};
+use crate::splitter::Splitter;
 use crate::{handshake, mux, port, request};
 
 /// Settings shared by every request of the server.
@@ -85,14 +86,32 @@ async fn serve_port(device: Option<PathBuf>, cfg: Arc<ServerConfig>) -> Result<(
         device.display(),
         handshake::boot_ms()
     );
+    serve_byte_stream(port.io(), || port.wait_host_connected(), &cfg).await
+}
+
+/// Serves consecutive host sessions over one byte stream that outlives them (the port):
+/// `host_ready` waits until a host is there; the [`Splitter`] tells sessions apart when the
+/// host reconnects without the guest noticing.
+async fn serve_byte_stream<T, W, Fut>(
+    io: T,
+    mut host_ready: W,
+    cfg: &Arc<ServerConfig>,
+) -> Result<()>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    W: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut splitter = Splitter::new(io);
     loop {
-        port.wait_host_connected().await?;
+        host_ready().await?;
         tracing::debug!("host connected");
+        splitter.next_session();
         let started = Instant::now();
-        serve_session(port.io(), &cfg).await;
+        serve_session(splitter.session(), cfg).await;
         // A session that fails at once (e.g. the host reconnecting in a loop) must not
         // turn this into a busy loop.
-        if started.elapsed() < SESSION_BACKOFF {
+        if !splitter.was_cut() && started.elapsed() < SESSION_BACKOFF {
             tokio::time::sleep(SESSION_BACKOFF).await;
         }
     }
@@ -115,5 +134,62 @@ async fn serve_unix(path: &Path, cfg: Arc<ServerConfig>) -> Result<()> {
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use bytes::Bytes;
+    use futures::{SinkExt, StreamExt};
+    use serde_bytes::ByteBuf;
+    use smolvm_protocol::{codec, decode, encode, GuestMessage, Hello, HostMessage};
+    use tokio::io::DuplexStream;
+    use tokio_util::codec::Framed;
+    use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+    use super::*;
+
+    /// A host session over `port` that opens one stream, handshakes, and then vanishes
+    /// without closing anything (as a crashed supervisor, or a snapshot's old host, would).
+    async fn handshake_and_vanish(port: &mut DuplexStream) -> GuestMessage {
+        let mut conn =
+            yamux::Connection::new(port.compat(), yamux::Config::default(), yamux::Mode::Client);
+        let stream = poll_fn(|cx| conn.poll_new_outbound(cx)).await.unwrap();
+        let mut framed = Framed::new(stream.compat(), codec());
+        let hello = HostMessage::Hello(Hello {
+            protocol_version: smolvm_protocol::PROTOCOL_VERSION,
+            host_time_unix_ns: 0,
+            hostname: String::new(),
+            entropy: ByteBuf::new(),
+        });
+        let talk = async {
+            framed
+                .send(Bytes::from(encode(&hello).unwrap()))
+                .await
+                .unwrap();
+            decode::<GuestMessage>(&framed.next().await.unwrap().unwrap()).unwrap()
+        };
+        tokio::select! {
+            reply = talk => reply,
+            _ = poll_fn(|cx| conn.poll_next_inbound(cx)) => panic!("session ended early"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_host_reconnecting_unnoticed_gets_a_fresh_session() {
+        let (mut host, guest) = tokio::io::duplex(1 << 20);
+        let cfg = Arc::new(ServerConfig::default());
+        let server =
+            tokio::spawn(async move { serve_byte_stream(guest, || async { Ok(()) }, &cfg).await });
+        for _ in 0..3 {
+            let reply =
+                tokio::time::timeout(Duration::from_secs(10), handshake_and_vanish(&mut host))
+                    .await
+                    .expect("the agent answered in time");
+            assert!(matches!(reply, GuestMessage::Hello(_)), "{reply:?}");
+        }
+        server.abort();
     }
 }
