@@ -92,7 +92,8 @@ fn bad_input_is_refused_with_exit_code_2() {
             &["run", "--network", "carrier-pigeon", "--", "true"],
             &["network", "carrier-pigeon", "none"],
         ),
-        (&["run", "--timeout", "-1", "--", "true"], &["--timeout"]),
+        (&["run", "--timeout=-1", "--", "true"], &["--timeout", "-1"]),
+        (&["run", "--timeout", "0", "--", "true"], &["--timeout", "0"]),
     ];
     for (args, needles) in cases {
         let out = smolvm("bad", args);
