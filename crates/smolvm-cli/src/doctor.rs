@@ -95,7 +95,7 @@ pub fn run() -> Result<i32> {
             None => "cannot read free space".into(),
         },
         fix: Some("an image needs about 1.5 GiB; free some space or set SMOLVM_DATA_DIR".into())
-            .filter(|_| !free.is_some_and(|f| f >= 2048)),
+            .filter(|_| free.is_none_or(|f| f < 2048)),
     });
     let img = smolvm_image::open(&paths.images_dir, smolvm::config::DEFAULT_IMAGE);
     checks.push(Check {

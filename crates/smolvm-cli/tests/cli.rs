@@ -93,7 +93,10 @@ fn bad_input_is_refused_with_exit_code_2() {
             &["network", "carrier-pigeon", "none"],
         ),
         (&["run", "--timeout=-1", "--", "true"], &["--timeout", "-1"]),
-        (&["run", "--timeout", "0", "--", "true"], &["--timeout", "0"]),
+        (
+            &["run", "--timeout", "0", "--", "true"],
+            &["--timeout", "0"],
+        ),
     ];
     for (args, needles) in cases {
         let out = smolvm("bad", args);

@@ -59,7 +59,7 @@ fn agent_killed_in_the_guest_gives_an_error_not_a_hang() {
                [ \"$(readlink /proc/$p/exe)\" = \"$(readlink /proc/1/exe)\" ] && kill -9 $p; \
              done; sleep 600",
         )
-            .timeout(Duration::from_secs(120)),
+        .timeout(Duration::from_secs(120)),
     );
     assert!(res.is_err(), "exec survived the agent's death: {res:?}");
     assert!(

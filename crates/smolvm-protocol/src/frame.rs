@@ -31,7 +31,9 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtocolError> {
     }
     let (msg, rest) = postcard::take_from_bytes(payload).map_err(ProtocolError::Decode)?;
     if !rest.is_empty() {
-        return Err(ProtocolError::Decode(postcard::Error::DeserializeBadEncoding));
+        return Err(ProtocolError::Decode(
+            postcard::Error::DeserializeBadEncoding,
+        ));
     }
     Ok(msg)
 }

@@ -11,9 +11,9 @@ mod frame;
 mod message;
 
 pub use error::ProtocolError;
-pub use frame::{decode, encode, read_frame, write_frame, MAX_FRAME_LEN};
 #[cfg(feature = "tokio")]
 pub use frame::codec;
+pub use frame::{decode, encode, read_frame, write_frame, MAX_FRAME_LEN};
 pub use message::*;
 
 /// The protocol generation spoken by this build. Bump it on any change to the wire format.

@@ -88,7 +88,9 @@ fn truncated_and_garbage_frames_are_errors() {
 
 #[test]
 fn empty_stream_is_clean_eof() {
-    assert!(read_frame::<_, GuestMessage>(&mut &[][..]).unwrap().is_none());
+    assert!(read_frame::<_, GuestMessage>(&mut &[][..])
+        .unwrap()
+        .is_none());
 }
 
 /// A cheap stand-in for the fuzzer on every test run: random and mutated frames never

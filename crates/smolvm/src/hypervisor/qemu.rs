@@ -13,10 +13,13 @@ pub const BASE_BOOT_ARGS: &str =
 
 /// The minimal firmware for microvm, when installed (Debian ships qboot in qemu-system-data).
 pub fn firmware() -> Option<std::path::PathBuf> {
-    ["/usr/share/qemu/bios-microvm.bin", "/usr/share/qemu/qboot.rom"]
-        .iter()
-        .map(std::path::PathBuf::from)
-        .find(|p| p.is_file())
+    [
+        "/usr/share/qemu/bios-microvm.bin",
+        "/usr/share/qemu/qboot.rom",
+    ]
+    .iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.is_file())
 }
 
 /// The QEMU microvm backend.
