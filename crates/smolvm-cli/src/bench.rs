@@ -134,6 +134,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     for i in 0..runs.max(1) {
         let t0 = Instant::now();
         let vm = rt.create(cfg.clone())?;
+        let created = t0.elapsed();
         let st = match vm.start() {
             Ok(st) => st,
             Err(e) => {
@@ -153,8 +154,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             "unexpected output {:?}",
             out.stdout_text()
         );
-        cs.push(st.create_start);
-        ready.push(st.ready);
+        cs.push(created + st.create_start);
+        ready.push(created + st.ready);
         exec.push(exec_t);
         del.push(del_t);
         total.push(t0.elapsed());

@@ -105,6 +105,7 @@ pub fn run(a: &VmArgs, e: &ExecArgs, timings: bool) -> Result<i32> {
     let t0 = Instant::now();
     let rt = Runtime::open()?;
     let vm = create_vm(&rt, cfg)?;
+    let created = t0.elapsed();
     // Ctrl-C deletes the VM before exiting: nothing is left behind.
     let current: Arc<Mutex<Option<Vm>>> = Arc::new(Mutex::new(Some(vm.clone())));
     let for_handler = current.clone();
@@ -134,8 +135,8 @@ pub fn run(a: &VmArgs, e: &ExecArgs, timings: bool) -> Result<i32> {
     if timings {
         eprintln!();
         eprintln!("phase            time");
-        eprintln!("create+start     {}", ms(st.create_start));
-        eprintln!("agent ready      {}", ms(st.ready));
+        eprintln!("create+start     {}", ms(created + st.create_start));
+        eprintln!("agent ready      {}", ms(created + st.ready));
         eprintln!("exec             {}", ms(exec_t));
         eprintln!("stop+delete      {}", ms(del));
         eprintln!("total            {}", ms(t0.elapsed()));
