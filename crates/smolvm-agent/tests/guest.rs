@@ -4,8 +4,8 @@
 //! `SMOLVM_AGENT_GUEST_END=poweroff` it then sends SIGPWR to PID 1 (clean power-off), with
 //! `=crash` it kills the server (PID 1 then reboots, which ends QEMU under `-no-reboot`).
 //!
-//! One test only: QEMU serves one connection at a time, and a quick disconnect/reconnect is
-//! not always visible to the guest (see the crate README).
+//! One test only, so that `SMOLVM_AGENT_GUEST_END` acts after the checks: QEMU serves one
+//! connection at a time.
 
 mod support;
 
