@@ -144,10 +144,14 @@ impl<R: AsyncRead + Unpin> Output<R> {
 async fn execute(req: &ExecRequest, tx: &mut Sender, rx: Receiver) -> Result<ExitStatus> {
     let (mut child, pid) = spawn::spawn(req)?;
     let started = Instant::now();
-    let pgid = i32::try_from(pid).map_err(|_| AgentError::Spawn {
-        program: "process".into(),
-        reason: format!("pid {pid} out of range"),
-    })?;
+    let Ok(pgid) = i32::try_from(pid) else {
+        // Cannot happen on Linux (pids fit in 22 bits); never leave the process behind.
+        let _ = child.start_kill();
+        return Err(AgentError::Spawn {
+            program: "process".into(),
+            reason: format!("pid {pid} out of range"),
+        });
+    };
     let group = GroupGuard(Some(pgid));
     tracing::debug!(pid, "started");
     send(tx, &GuestMessage::Started { pid }).await?;
