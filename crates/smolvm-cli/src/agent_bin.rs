@@ -33,7 +33,7 @@ pub fn find() -> Result<PathBuf> {
         }
     }
     if let Some(p) = candidates.iter().find(|p| is_static_elf(p)) {
-        return Ok(p.clone());
+        return Ok(p.canonicalize().unwrap_or_else(|_| p.clone()));
     }
     bail!(
         "no static smolvm-agent binary found (looked at {}); build it with `./scripts/setup` or \

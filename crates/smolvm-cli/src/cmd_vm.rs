@@ -55,8 +55,26 @@ pub fn exec_options(a: &ExecArgs) -> Result<ExecOptions> {
     Ok(o)
 }
 
+/// Says once per state directory, clearly, that VMs run without KVM here, and why.
+fn tcg_notice(rt: &Runtime) {
+    let accel = smolvm::hypervisor::detect_accelerator();
+    if accel.kvm_usable {
+        return;
+    }
+    let marker = rt.paths().state_dir.join("tcg-notice-shown");
+    if marker.exists() {
+        return;
+    }
+    eprintln!(
+        "smolvm: note: VMs on this host run under QEMU TCG (software emulation, seconds per boot), not KVM: {}. `smolvm doctor` explains.",
+        accel.reason
+    );
+    let _ = std::fs::write(&marker, b"");
+}
+
 /// Creates the VM, building the default image on first use.
 fn create_vm(rt: &Runtime, cfg: VmConfig) -> Result<Vm> {
+    tcg_notice(rt);
     match rt.create(cfg.clone()) {
         Err(smolvm::Error::Image(smolvm_image::ImageError::NotFound { name, .. }))
             if name == smolvm::config::DEFAULT_IMAGE =>

@@ -109,8 +109,7 @@ impl Store {
         let conn = Connection::open(path).map_err(db_err("opening the database"))?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(db_err("setting busy timeout"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db_err("enabling WAL"))?;
+        enable_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(db_err("setting synchronous"))?;
         let mut store = Store { conn };
@@ -216,6 +215,33 @@ impl Store {
     }
 }
 
+/// Switches the database to WAL (a persistent setting). Changing the journal mode needs an
+/// exclusive lock and SQLite does not wait for it through the busy handler, so when several
+/// processes open a fresh database at once we retry for a while ourselves.
+fn enable_wal(conn: &Connection) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mode =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0));
+        match mode {
+            Ok(m) if m.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(m) => {
+                return Err(Error::Store {
+                    context: format!("enabling WAL (the database stayed in {m} mode)"),
+                    source: rusqlite::Error::InvalidQuery,
+                })
+            }
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(db_err("enabling WAL")(e)),
+        }
+    }
+}
+
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
     let config: String = r.get(2)?;
     let state: String = r.get(1)?;
@@ -274,5 +300,26 @@ mod tests {
         // Reopening keeps the schema version and does not re-run migrations.
         drop(s);
         Store::open(&dir.path().join("db")).unwrap();
+    }
+
+    #[test]
+    fn concurrent_opens_of_a_fresh_database_never_see_locked() {
+        for round in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(format!("db{round}"));
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let path = path.clone();
+                    std::thread::spawn(move || {
+                        let s = Store::open(&path).unwrap();
+                        s.insert(&rec(&format!("vm-{i}"))).unwrap();
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap();
+            }
+            assert_eq!(Store::open(&path).unwrap().list().unwrap().len(), 8);
+        }
     }
 }
