@@ -61,8 +61,10 @@ impl QemuMicrovm {
         push("-M");
         match firmware() {
             // qboot jumps straight to the kernel; the trimmed machine boots fastest with it.
+            // Keep the RTC: without it the guest kernel waits 1 s twice probing for one
+            // (measured under TCG: /init reached at 1.1 s with it, 3.2 s without).
             Some(fw) => {
-                push("microvm,x-option-roms=off,rtc=off,pit=off,pic=off,isa-serial=on");
+                push("microvm,x-option-roms=off,rtc=on,pit=off,pic=off,isa-serial=on");
                 push("-bios");
                 push(&fw.display().to_string());
             }
