@@ -9,15 +9,8 @@ struct Check {
     fix: Option<String>,
 }
 
-fn which(p: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(p))
-        .find(|p| p.is_file())
-}
-
 fn tool(name: &'static str, prog: &str, package: &str) -> Check {
-    match which(prog) {
+    match smolvm::util::which(prog) {
         Some(p) => Check {
             name,
             ok: true,

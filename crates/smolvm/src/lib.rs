@@ -20,7 +20,7 @@ pub mod hypervisor;
 pub mod paths;
 pub mod store;
 pub mod supervisor;
-mod util;
+pub mod util;
 mod vm;
 
 pub use client::OutputStream;

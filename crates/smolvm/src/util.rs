@@ -1,4 +1,4 @@
-//! Small helpers shared inside the runtime.
+//! Small host helpers shared by the runtime and the CLI.
 
 use std::io::Read;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -41,7 +41,7 @@ pub(crate) fn now_unix() -> i64 {
 }
 
 /// Finds a program on `PATH`.
-pub(crate) fn which(prog: &str) -> Option<std::path::PathBuf> {
+pub fn which(prog: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(prog))
