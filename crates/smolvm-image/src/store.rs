@@ -96,6 +96,11 @@ impl Image {
 
 /// Opens the image `name` in `images_dir`.
 pub fn open(images_dir: &Path, name: &str) -> Result<Image, ImageError> {
+    Image::load(existing_dir(images_dir, name)?, name)
+}
+
+/// The directory of the image `name`, or [`ImageError::NotFound`] listing what exists.
+fn existing_dir(images_dir: &Path, name: &str) -> Result<PathBuf, ImageError> {
     validate_name(name)?;
     let dir = images_dir.join(name);
     if !dir.is_dir() {
@@ -104,7 +109,7 @@ pub fn open(images_dir: &Path, name: &str) -> Result<Image, ImageError> {
             available: names(images_dir),
         });
     }
-    Image::load(dir, name)
+    Ok(dir)
 }
 
 /// Lists the images in `images_dir`, sorted by name. Damaged images are skipped with a
@@ -129,14 +134,7 @@ pub fn list(images_dir: &Path) -> Result<Vec<Image>, ImageError> {
 /// The directory is first renamed away, so the image disappears at once even if deleting
 /// its files takes a while. Running VMs keep their open files.
 pub fn remove(images_dir: &Path, name: &str) -> Result<(), ImageError> {
-    validate_name(name)?;
-    let dir = images_dir.join(name);
-    if !dir.is_dir() {
-        return Err(ImageError::NotFound {
-            name: name.to_string(),
-            available: names(images_dir),
-        });
-    }
+    let dir = existing_dir(images_dir, name)?;
     let _lock = lock(images_dir, name)?;
     let doomed = images_dir.join(format!(".{name}.removing-{}", std::process::id()));
     std::fs::rename(&dir, &doomed).map_err(ImageError::io("cannot remove", &dir))?;
