@@ -19,6 +19,11 @@ pub fn state_dir() -> &'static PathBuf {
     DIR.get_or_init(|| {
         let d = PathBuf::from(format!("/tmp/smolvm-test-{}", std::process::id()));
         std::fs::create_dir_all(&d).expect("create test state dir");
+        // SAFETY: registering a plain extern "C" function; it removes the shared VM (if
+        // any) and this directory when the test process exits.
+        unsafe {
+            libc::atexit(cleanup);
+        }
         d
     })
 }
@@ -52,21 +57,17 @@ pub fn fresh_vm() -> Vm {
 
 static SHARED: OnceLock<Vm> = OnceLock::new();
 
-extern "C" fn delete_shared() {
+extern "C" fn cleanup() {
     if let Some(vm) = SHARED.get() {
         let _ = vm.delete();
     }
     let _ = std::fs::remove_dir_all(state_dir());
 }
 
-/// One VM shared by every test in this binary; deleted when the test process exits.
+/// One VM shared by every test in this binary; deleted when the test process exits
+/// (see `cleanup`, registered with the state directory).
 pub fn shared_vm() -> &'static Vm {
     SHARED.get_or_init(|| {
-        let vm = fresh_vm();
-        // SAFETY: registering a plain extern "C" function.
-        unsafe {
-            libc::atexit(delete_shared);
-        }
-        vm
+        fresh_vm()
     })
 }
