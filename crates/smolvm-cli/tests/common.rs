@@ -67,5 +67,5 @@ extern "C" fn cleanup() {
 /// One VM shared by every test in this binary; deleted when the test process exits
 /// (see `cleanup`, registered with the state directory).
 pub fn shared_vm() -> &'static Vm {
-    SHARED.get_or_init(|| fresh_vm())
+    SHARED.get_or_init(fresh_vm)
 }
