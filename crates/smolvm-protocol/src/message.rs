@@ -73,6 +73,23 @@ pub enum HostMessage {
     Signal(i32),
     /// Liveness probe; answered with [`GuestMessage::Pong`].
     Ping(u64),
+    /// Changes the guest's persistent environment (seen by every later command); answered
+    /// with [`GuestMessage::Env`]. An empty update just reads it.
+    Env(EnvUpdate),
+    /// Asks the guest to shut down cleanly (stop processes, flush, unmount, power off);
+    /// answered with [`GuestMessage::Ok`] before it goes.
+    Shutdown,
+}
+
+/// A change to the guest's persistent environment, applied in order: `clear`, `unset`, `set`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct EnvUpdate {
+    /// Remove every variable first.
+    pub clear: bool,
+    /// Names to remove.
+    pub unset: Vec<String>,
+    /// Variables to set (name, value).
+    pub set: Vec<(String, String)>,
 }
 
 /// How a process ended.
@@ -112,6 +129,10 @@ pub enum GuestMessage {
     Error(String),
     /// Answers [`HostMessage::Ping`].
     Pong(u64),
+    /// The persistent environment after an [`HostMessage::Env`], sorted by name.
+    Env(Vec<(String, String)>),
+    /// The request was accepted (answers [`HostMessage::Shutdown`]).
+    Ok,
 }
 
 /// Client-to-supervisor requests (first frame on an API socket connection).
@@ -127,6 +148,8 @@ pub enum ApiRequest {
         /// How long to wait for a clean guest shutdown before killing QEMU.
         graceful_ms: u64,
     },
+    /// Change or read the guest's persistent environment; answered with [`ApiReply::Env`].
+    Env(EnvUpdate),
 }
 
 /// Supervisor-to-client replies for requests other than exec.
@@ -138,6 +161,8 @@ pub enum ApiReply {
     Ok,
     /// The request failed.
     Error(String),
+    /// Answer to [`ApiRequest::Env`]: the guest's persistent environment, sorted by name.
+    Env(Vec<(String, String)>),
 }
 
 /// What the supervisor knows about its VM.

@@ -36,8 +36,8 @@ fn roundtrip_blocking_frames() {
 
 /// Fails when the wire format changes: bump PROTOCOL_VERSION and update VERSIONING.md.
 #[test]
-fn wire_format_snapshot_v1() {
-    assert_eq!(PROTOCOL_VERSION, 1);
+fn wire_format_snapshot_v2() {
+    assert_eq!(PROTOCOL_VERSION, 2);
     let bytes = encode(&sample_exec()).unwrap();
     assert_eq!(
         bytes,
@@ -56,6 +56,16 @@ fn wire_format_snapshot_v1() {
     }))
     .unwrap();
     assert_eq!(exited, vec![4, 1, 84, 0, 0, 1, 0, 3]);
+    // Generation 2 appended variants; the earlier ones keep their tags.
+    let env = encode(&HostMessage::Env(EnvUpdate {
+        clear: true,
+        unset: vec!["X".into()],
+        set: vec![("A".into(), "b".into())],
+    }))
+    .unwrap();
+    assert_eq!(env, vec![6, 1, 1, 1, b'X', 1, 1, b'A', 1, b'b']);
+    assert_eq!(encode(&HostMessage::Shutdown).unwrap(), vec![7]);
+    assert_eq!(encode(&GuestMessage::Ok).unwrap(), vec![8]);
 }
 
 #[test]
