@@ -8,33 +8,52 @@ use anyhow::{Context, Result};
 use smolvm::{ExecOptions, OutputStream, Runtime, Vm, VmConfig};
 
 use crate::table::{self, ms};
-use crate::{ExecArgs, VmArgs};
+use crate::{CreateArgs, ExecArgs, VmArgs};
 
 /// Builds a validated config from flags.
-pub fn config_from(name: Option<String>, a: &VmArgs) -> Result<VmConfig> {
-    let cfg = VmConfig {
-        vm_id: name,
+pub fn config_from(c: Option<&CreateArgs>, a: &VmArgs) -> Result<VmConfig> {
+    let mut cfg = VmConfig {
         vcpu_count: a.cpus,
         mem_size_mib: a.memory,
         image: a.image.clone(),
         boot_args: a.boot_args.clone(),
         network: a.network.parse()?,
+        ..Default::default()
     };
+    if let Some(c) = c {
+        cfg.vm_id = c.name.clone();
+        cfg.disk_mode = c.disk_mode.parse()?;
+        cfg.disk_path = c.disk.clone();
+        cfg.disk_size_mib = c.disk_size;
+        cfg.retain_disk_on_delete = c.retain_disk;
+        cfg.kernel_path = c.kernel.clone();
+        cfg.initrd_path = c.initrd.clone();
+        cfg.rootfs_path = c.rootfs.clone();
+        for kv in &c.env {
+            let (k, v) = split_kv("--env", kv)?;
+            cfg.env_vars.insert(k.to_string(), v.to_string());
+        }
+    }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Splits `KEY=VALUE`, or names the flag and what it expects.
+fn split_kv<'a>(flag: &'static str, kv: &'a str) -> Result<(&'a str, &'a str)> {
+    Ok(kv
+        .split_once('=')
+        .ok_or_else(|| smolvm::Error::InvalidConfig {
+            field: flag,
+            value: kv.to_string(),
+            allowed: "KEY=VALUE".into(),
+        })?)
 }
 
 /// Builds exec options from flags.
 pub fn exec_options(a: &ExecArgs) -> Result<ExecOptions> {
     let mut o = ExecOptions::argv(a.command.iter().cloned());
     for kv in &a.env {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| smolvm::Error::InvalidConfig {
-                field: "--env",
-                value: kv.clone(),
-                allowed: "KEY=VALUE".into(),
-            })?;
+        let (k, v) = split_kv("--env", kv)?;
         o = o.env(k, v);
     }
     if let Some(c) = &a.cwd {
@@ -72,16 +91,24 @@ fn tcg_notice(rt: &Runtime) {
     let _ = std::fs::write(&marker, b"");
 }
 
-/// Creates the VM, building the default image on first use.
-fn create_vm(rt: &Runtime, cfg: VmConfig) -> Result<Vm> {
+/// Creates the VM (ephemeral: deleted when this process dies, or persistent), building
+/// the default image on first use.
+fn create_vm(rt: &Runtime, cfg: VmConfig, ephemeral: bool) -> Result<Vm> {
     tcg_notice(rt);
-    match rt.create(cfg.clone()) {
+    let make = |cfg: VmConfig| {
+        if ephemeral {
+            rt.create_ephemeral(cfg)
+        } else {
+            rt.create(cfg)
+        }
+    };
+    match make(cfg.clone()) {
         Err(smolvm::Error::Image(smolvm_image::ImageError::NotFound { name, .. }))
             if name == smolvm::config::DEFAULT_IMAGE =>
         {
             eprintln!("smolvm: the default image is not built yet; building it now (once)");
             crate::cmd_image::build(&name, false, None)?;
-            Ok(rt.create(cfg)?)
+            Ok(make(cfg)?)
         }
         other => Ok(other?),
     }
@@ -122,7 +149,8 @@ pub fn run(a: &VmArgs, e: &ExecArgs, timings: bool) -> Result<i32> {
     let opts = exec_options(e)?;
     let t0 = Instant::now();
     let rt = Runtime::open()?;
-    let vm = create_vm(&rt, cfg)?;
+    // Owned by this process: should it be killed, the VM's supervisor deletes the VM.
+    let vm = create_vm(&rt, cfg, true)?;
     let created = t0.elapsed();
     // Ctrl-C deletes the VM before exiting: nothing is left behind.
     let current: Arc<Mutex<Option<Vm>>> = Arc::new(Mutex::new(Some(vm.clone())));
@@ -167,10 +195,10 @@ pub fn run(a: &VmArgs, e: &ExecArgs, timings: bool) -> Result<i32> {
 }
 
 /// `smolvm create`.
-pub fn create(name: Option<String>, a: &VmArgs, no_start: bool) -> Result<()> {
-    let cfg = config_from(name, a)?;
+pub fn create(c: &CreateArgs, a: &VmArgs, no_start: bool) -> Result<()> {
+    let cfg = config_from(Some(c), a)?;
     let rt = Runtime::open()?;
-    let vm = create_vm(&rt, cfg)?;
+    let vm = create_vm(&rt, cfg, false)?;
     if !no_start {
         if let Err(e) = vm.start() {
             let _ = vm.delete();
@@ -198,9 +226,9 @@ pub fn exec(id: &str, e: &ExecArgs) -> Result<i32> {
 }
 
 /// `smolvm stop`.
-pub fn stop(id: &str) -> Result<()> {
+pub fn stop(id: &str, force: bool) -> Result<()> {
     let rt = Runtime::open()?;
-    rt.get(id)?.stop(true)?;
+    rt.get(id)?.stop(!force)?;
     Ok(())
 }
 
@@ -209,7 +237,15 @@ pub fn rm(ids: &[String], force: bool) -> Result<()> {
     let rt = Runtime::open()?;
     for id in ids {
         match rt.get(id) {
-            Ok(vm) => vm.delete()?,
+            Ok(vm) => {
+                if let Some(disk) = vm.delete()? {
+                    eprintln!(
+                        "{id}: disk retained at {} (boot it with `smolvm create --disk {}`)",
+                        disk.display(),
+                        disk.display()
+                    );
+                }
+            }
             Err(smolvm::Error::VmNotFound(_)) if force => {}
             Err(e) => return Err(e.into()),
         }
@@ -235,6 +271,7 @@ pub fn ls(json: bool) -> Result<()> {
         "CPUS".into(),
         "MEMORY".into(),
         "UPTIME".into(),
+        "IP".into(),
         "ACCEL".into(),
         "ERROR".into(),
     ]];
@@ -250,6 +287,10 @@ pub fn ls(json: bool) -> Result<()> {
             r.config.vcpu_count.to_string(),
             format!("{} MiB", r.config.mem_size_mib),
             uptime,
+            r.ip.unwrap_or_else(|| match r.config.network {
+                smolvm::NetworkMode::None => "-".into(),
+                smolvm::NetworkMode::User => "10.0.2.15 (user)".into(),
+            }),
             r.accelerator.unwrap_or_else(|| "-".into()),
             r.error.unwrap_or_default(),
         ]);
@@ -265,5 +306,86 @@ pub fn logs(id: &str) -> Result<()> {
     let path = vm.console_log();
     let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     std::io::stdout().write_all(&data)?;
+    Ok(())
+}
+
+/// `smolvm inspect`.
+pub fn inspect(id: &str) -> Result<()> {
+    let rt = Runtime::open()?;
+    let vm = rt.get(id)?;
+    let rec = vm.info()?;
+    let running = rec.state == smolvm::VmState::Running;
+    let out = serde_json::json!({
+        "vm": rec,
+        "console_log": vm.console_log(),
+        "supervisor_log": vm.dir().join(smolvm::supervisor::files::SUPERVISOR_LOG),
+        "env_names": if running {
+            vm.env_vars().ok().map(|e| e.into_keys().collect::<Vec<_>>())
+        } else {
+            None
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+/// `smolvm env`.
+pub fn env(id: &str, set: &[String], unset: &[String], clear: bool) -> Result<()> {
+    let rt = Runtime::open()?;
+    let vm = rt.get(id)?;
+    let mut vars = std::collections::BTreeMap::new();
+    for kv in set {
+        let (k, v) = split_kv("KEY=VALUE", kv)?;
+        vars.insert(k.to_string(), v.to_string());
+    }
+    let mut now = None;
+    if !unset.is_empty() {
+        now = Some(vm.unset_env_vars(unset)?);
+    }
+    if !vars.is_empty() || clear {
+        now = Some(vm.set_env_vars(&vars, !clear)?);
+    }
+    let now = match now {
+        Some(n) if vm.info()?.state == smolvm::VmState::Running => n,
+        Some(_) => {
+            eprintln!("{id} is not running: the change applies at its next start");
+            return Ok(());
+        }
+        None => vm.env_vars()?,
+    };
+    for (k, v) in now {
+        println!("{k}={v}");
+    }
+    Ok(())
+}
+
+/// `smolvm gc`.
+pub fn gc(json: bool) -> Result<()> {
+    let rt = Runtime::open()?;
+    let r = rt.gc()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else if r.is_clean() {
+        eprintln!("nothing to clean up");
+    } else {
+        for id in &r.deleted_vms {
+            eprintln!("deleted {id} (its owner process is gone)");
+        }
+        for id in &r.marked_error {
+            eprintln!("marked {id} as error (its supervisor is gone)");
+        }
+        for d in &r.removed_dirs {
+            eprintln!("removed orphan directory {}", d.display());
+        }
+        for id in &r.removed_rows {
+            eprintln!("removed {id} (its directory was gone)");
+        }
+        if r.killed_processes > 0 {
+            eprintln!("killed {} orphan process(es)", r.killed_processes);
+        }
+        if !r.removed_files.is_empty() {
+            eprintln!("removed {} stale file(s)", r.removed_files.len());
+        }
+    }
     Ok(())
 }

@@ -43,6 +43,38 @@ pub struct VmArgs {
     pub boot_args: Option<String>,
 }
 
+/// Options only `create` takes: identity, disks and the persistent environment.
+#[derive(Args, Clone)]
+pub struct CreateArgs {
+    /// The VM's id (lowercase letters, digits, '-'); generated when absent.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Disk mode: isolated (own copy-on-write overlay) or shared (one writable disk per image).
+    #[arg(long, default_value = "isolated")]
+    pub disk_mode: String,
+    /// Boot from this existing disk (e.g. one retained by `--retain-disk`), used in place.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Size of the VM's disk in MiB (at least the image's); the guest's root filesystem grows to fill it.
+    #[arg(long)]
+    pub disk_size: Option<u64>,
+    /// Keep the VM's disk when it is deleted (moved to the state directory's disks/).
+    #[arg(long)]
+    pub retain_disk: bool,
+    /// Persistent environment variable, KEY=VALUE (repeatable); every command sees it.
+    #[arg(long = "env", short = 'e')]
+    pub env: Vec<String>,
+    /// Boot this kernel (uncompressed vmlinux) instead of the image's.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Boot this initramfs (holding the smolvm agent) instead of the image's.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Use this root filesystem (raw ext4 or qcow2) instead of the image's.
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+}
+
 /// Options for running one command.
 #[derive(Args, Clone)]
 pub struct ExecArgs {
@@ -75,11 +107,10 @@ enum Cmd {
         #[arg(long)]
         timings: bool,
     },
-    /// Create a VM (recorded, not started).
+    /// Create a VM and start it (prints its id); it runs until stopped or deleted.
     Create {
-        /// The VM's id (lowercase letters, digits, '-'); generated when absent.
-        #[arg(long)]
-        name: Option<String>,
+        #[command(flatten)]
+        create: CreateArgs,
         #[command(flatten)]
         vm: VmArgs,
         /// Do not start it.
@@ -98,10 +129,13 @@ enum Cmd {
         #[command(flatten)]
         exec: ExecArgs,
     },
-    /// Stop a VM.
+    /// Stop a VM (a clean guest shutdown first; its disk is kept for the next start).
     Stop {
         /// VM id.
         id: String,
+        /// Skip the clean shutdown: end QEMU at once.
+        #[arg(short, long)]
+        force: bool,
     },
     /// Delete VMs (stopping them first).
     Rm {
@@ -122,6 +156,31 @@ enum Cmd {
     Logs {
         /// VM id.
         id: String,
+    },
+    /// Show everything recorded about a VM, as JSON.
+    Inspect {
+        /// VM id.
+        id: String,
+    },
+    /// Show or change a VM's persistent environment variables.
+    Env {
+        /// VM id.
+        id: String,
+        /// Variables to set, KEY=VALUE.
+        set: Vec<String>,
+        /// Variable to remove (repeatable).
+        #[arg(long)]
+        unset: Vec<String>,
+        /// Remove every variable before setting the given ones.
+        #[arg(long)]
+        clear: bool,
+    },
+    /// Repair what crashed processes left: delete ephemeral VMs whose owner died, mark VMs
+    /// whose supervisor died, kill orphan processes, remove stale files.
+    Gc {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Manage images.
     Image {
@@ -165,13 +224,25 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Cmd::Supervise { dir } => return ExitCode::from(smolvm::supervisor::main(&dir) as u8),
         Cmd::Run { vm, exec, timings } => cmd_vm::run(&vm, &exec, timings),
-        Cmd::Create { name, vm, no_start } => cmd_vm::create(name, &vm, no_start).map(|_| 0),
+        Cmd::Create {
+            create,
+            vm,
+            no_start,
+        } => cmd_vm::create(&create, &vm, no_start).map(|_| 0),
         Cmd::Start { id } => cmd_vm::start(&id).map(|_| 0),
         Cmd::Exec { id, exec } => cmd_vm::exec(&id, &exec),
-        Cmd::Stop { id } => cmd_vm::stop(&id).map(|_| 0),
+        Cmd::Stop { id, force } => cmd_vm::stop(&id, force).map(|_| 0),
         Cmd::Rm { ids, force } => cmd_vm::rm(&ids, force).map(|_| 0),
         Cmd::Ls { json } => cmd_vm::ls(json).map(|_| 0),
         Cmd::Logs { id } => cmd_vm::logs(&id).map(|_| 0),
+        Cmd::Inspect { id } => cmd_vm::inspect(&id).map(|_| 0),
+        Cmd::Env {
+            id,
+            set,
+            unset,
+            clear,
+        } => cmd_vm::env(&id, &set, &unset, clear).map(|_| 0),
+        Cmd::Gc { json } => cmd_vm::gc(json).map(|_| 0),
         Cmd::Image { cmd } => cmd_image::run(cmd).map(|_| 0),
         Cmd::Doctor => doctor::run(),
         Cmd::Bench { cmd } => bench::run(cmd).map(|_| 0),

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use smolvm_protocol::{
-    read_frame, write_frame, ApiReply, ApiRequest, ExecRequest, ExitStatus, GuestMessage,
-    HostMessage, VmStatus, MAX_CHUNK,
+    read_frame, write_frame, ApiReply, ApiRequest, EnvUpdate, ExecRequest, ExitStatus,
+    GuestMessage, HostMessage, VmStatus, MAX_CHUNK,
 };
 
 use crate::error::{Error, Result};
@@ -83,7 +83,7 @@ impl ApiClient {
         match self.request(&ApiRequest::Status, Duration::from_secs(5))? {
             ApiReply::Status(s) => Ok(s),
             ApiReply::Error(e) => Err(Error::Agent(e)),
-            ApiReply::Ok => Err(self.gone("unexpected reply to status")),
+            _ => Err(self.gone("unexpected reply to status")),
         }
     }
 
@@ -95,7 +95,16 @@ impl ApiClient {
         match self.request(&req, graceful + Duration::from_secs(10))? {
             ApiReply::Ok => Ok(()),
             ApiReply::Error(e) => Err(Error::Agent(e)),
-            ApiReply::Status(_) => Err(self.gone("unexpected reply to stop")),
+            _ => Err(self.gone("unexpected reply to stop")),
+        }
+    }
+
+    /// Changes (or, with an empty update, reads) the guest's persistent environment.
+    pub fn env(&self, update: EnvUpdate) -> Result<Vec<(String, String)>> {
+        match self.request(&ApiRequest::Env(update), Duration::from_secs(20))? {
+            ApiReply::Env(vars) => Ok(vars),
+            ApiReply::Error(e) => Err(Error::Agent(e)),
+            _ => Err(self.gone("unexpected reply to an environment request")),
         }
     }
 
@@ -145,8 +154,8 @@ impl ApiClient {
                         Error::Agent(e)
                     })
                 }
-                Ok(Some(GuestMessage::Hello(_))) => {
-                    break Err(self.gone("unexpected handshake message"))
+                Ok(Some(GuestMessage::Hello(_) | GuestMessage::Env(_) | GuestMessage::Ok)) => {
+                    break Err(self.gone("unexpected message on an exec stream"))
                 }
                 Ok(None) => {
                     break Err(self.gone("the supervisor closed the connection mid-command"))

@@ -1,6 +1,9 @@
 //! VM configuration: the limits as named constants and validation in one place.
 //! A config that fails validation creates nothing.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -21,6 +24,49 @@ pub const DEFAULT_MEM_MIB: u32 = 512;
 pub const MAX_ID_LEN: usize = 63;
 /// The image used when none is named.
 pub const DEFAULT_IMAGE: &str = "default";
+/// Largest disk a VM may be given, in MiB (1 TiB).
+pub const MAX_DISK_MIB: u64 = 1 << 20;
+/// Longest environment variable name.
+pub const MAX_ENV_NAME: usize = 256;
+/// Largest environment variable value, in bytes.
+pub const MAX_ENV_VALUE: usize = 128 * 1024;
+/// Most persistent environment variables a VM may have.
+pub const MAX_ENV_VARS: usize = 1024;
+
+/// How a VM's root disk relates to its image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskMode {
+    /// Each VM gets its own copy-on-write overlay on the read-only image (the default).
+    #[default]
+    Isolated,
+    /// VMs of this image boot from one writable disk (trusted use; one running VM at a time).
+    Shared,
+}
+
+impl std::str::FromStr for DiskMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "isolated" => Ok(DiskMode::Isolated),
+            "shared" => Ok(DiskMode::Shared),
+            other => Err(Error::InvalidConfig {
+                field: "disk_mode",
+                value: other.to_string(),
+                allowed: "one of: isolated, shared".into(),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for DiskMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DiskMode::Isolated => "isolated",
+            DiskMode::Shared => "shared",
+        })
+    }
+}
 
 /// How the VM is networked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -73,6 +119,26 @@ pub struct VmConfig {
     pub boot_args: Option<String>,
     /// Networking mode.
     pub network: NetworkMode,
+    /// Explicit kernel (uncompressed ELF vmlinux) instead of the image's.
+    pub kernel_path: Option<PathBuf>,
+    /// Explicit initramfs instead of the image's (it must hold the smolvm agent as /init).
+    pub initrd_path: Option<PathBuf>,
+    /// Explicit root filesystem (raw ext4 or qcow2) instead of the image's; it is only read
+    /// in `isolated` mode and written in `shared` mode.
+    pub rootfs_path: Option<PathBuf>,
+    /// `isolated` (own overlay, default) or `shared` (one writable disk).
+    pub disk_mode: DiskMode,
+    /// Keep the VM's overlay when the VM is deleted (it is moved to the disks directory).
+    pub retain_disk_on_delete: bool,
+    /// Boot from this existing disk (e.g. one retained from a deleted VM) instead of a new
+    /// overlay; it is used in place and never deleted by smolvm.
+    pub disk_path: Option<PathBuf>,
+    /// Size of the VM's disk in MiB (at least the image's); the guest grows its root
+    /// filesystem to fill it. Default: the image's size.
+    pub disk_size_mib: Option<u64>,
+    /// Environment variables persisted in the guest for every command (never written to
+    /// the state database).
+    pub env_vars: BTreeMap<String, String>,
 }
 
 impl Default for VmConfig {
@@ -84,6 +150,14 @@ impl Default for VmConfig {
             image: DEFAULT_IMAGE.to_string(),
             boot_args: None,
             network: NetworkMode::default(),
+            kernel_path: None,
+            initrd_path: None,
+            rootfs_path: None,
+            disk_mode: DiskMode::default(),
+            retain_disk_on_delete: false,
+            disk_path: None,
+            disk_size_mib: None,
+            env_vars: BTreeMap::new(),
         }
     }
 }
@@ -130,8 +204,134 @@ impl VmConfig {
                 });
             }
         }
+        for (field, path) in [
+            ("kernel_path", &self.kernel_path),
+            ("initrd_path", &self.initrd_path),
+            ("rootfs_path", &self.rootfs_path),
+            ("disk_path", &self.disk_path),
+        ] {
+            if let Some(p) = path {
+                check_file(field, p)?;
+            }
+        }
+        if let Some(size) = self.disk_size_mib {
+            if !(1..=MAX_DISK_MIB).contains(&size) {
+                return Err(Error::InvalidConfig {
+                    field: "disk_size_mib",
+                    value: size.to_string(),
+                    allowed: format!(
+                        "between 1 and {MAX_DISK_MIB} MiB, and at least the image's size"
+                    ),
+                });
+            }
+        }
+        if self.disk_path.is_some() {
+            let conflict = if self.disk_mode == DiskMode::Shared {
+                Some(("disk_mode", "shared".to_string()))
+            } else if let Some(r) = &self.rootfs_path {
+                Some(("rootfs_path", r.display().to_string()))
+            } else {
+                self.disk_size_mib.map(|s| ("disk_size_mib", s.to_string()))
+            };
+            if let Some((field, value)) = conflict {
+                return Err(Error::InvalidConfig {
+                    field,
+                    value,
+                    allowed: "not together with disk_path (an existing disk is booted as it is)"
+                        .into(),
+                });
+            }
+        }
+        if self.disk_mode == DiskMode::Shared {
+            if self.retain_disk_on_delete {
+                return Err(Error::InvalidConfig {
+                    field: "retain_disk_on_delete",
+                    value: "true".into(),
+                    allowed: "only with disk_mode isolated (a shared disk is never deleted)".into(),
+                });
+            }
+            if let Some(s) = self.disk_size_mib {
+                return Err(Error::InvalidConfig {
+                    field: "disk_size_mib",
+                    value: s.to_string(),
+                    allowed: "only with disk_mode isolated".into(),
+                });
+            }
+        }
+        validate_env(&self.env_vars)?;
         Ok(())
     }
+
+    /// The config as stored in the state database: environment values are left out (they
+    /// often hold API keys); the names are kept.
+    pub fn redacted(&self) -> VmConfig {
+        let mut c = self.clone();
+        for v in c.env_vars.values_mut() {
+            v.clear();
+        }
+        c
+    }
+}
+
+fn check_file(field: &'static str, path: &std::path::Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(Error::InvalidConfig {
+            field,
+            value: path.display().to_string(),
+            allowed: "a path to a regular file (this is not one)".into(),
+        }),
+        Err(e) => Err(Error::InvalidConfig {
+            field,
+            value: path.display().to_string(),
+            allowed: format!("a path to an existing file ({e})"),
+        }),
+    }
+}
+
+/// Checks an environment variable name: `[A-Za-z_][A-Za-z0-9_]*`, at most 256 bytes.
+pub fn validate_env_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let ok = name.len() <= MAX_ENV_NAME
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig {
+            field: "env_vars",
+            value: name.to_string(),
+            allowed: format!(
+                "variable names of letters, digits and '_', not starting with a digit, at most {MAX_ENV_NAME} bytes"
+            ),
+        })
+    }
+}
+
+/// Checks a set of environment variables (names, values without NUL, sizes, count).
+pub fn validate_env<'a>(vars: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<()> {
+    let mut n = 0;
+    for (name, value) in vars {
+        validate_env_name(name)?;
+        if value.contains('\0') || value.len() > MAX_ENV_VALUE {
+            return Err(Error::InvalidConfig {
+                field: "env_vars",
+                value: format!("{name}=<{} bytes>", value.len()),
+                allowed: format!("values without NUL bytes, at most {MAX_ENV_VALUE} bytes"),
+            });
+        }
+        n += 1;
+    }
+    if n > MAX_ENV_VARS {
+        return Err(Error::InvalidConfig {
+            field: "env_vars",
+            value: format!("{n} variables"),
+            allowed: format!("at most {MAX_ENV_VARS}"),
+        });
+    }
+    Ok(())
 }
 
 /// Checks a VM id: lowercase letters, digits and '-', 1 to 63 characters, starting with a
@@ -189,6 +389,59 @@ mod tests {
         };
         let msg = c.validate().unwrap_err().to_string();
         assert!(msg.contains("mem_size_mib") && msg.contains("64"), "{msg}");
+    }
+
+    #[test]
+    fn disk_options_that_conflict_are_refused() {
+        let c = VmConfig {
+            disk_mode: DiskMode::Shared,
+            retain_disk_on_delete: true,
+            ..Default::default()
+        };
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("retain_disk_on_delete"), "{msg}");
+        let c = VmConfig {
+            disk_path: Some("/nonexistent/disk.qcow2".into()),
+            ..Default::default()
+        };
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(
+            msg.contains("disk_path") && msg.contains("/nonexistent"),
+            "{msg}"
+        );
+        let c = VmConfig {
+            disk_size_mib: Some(0),
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("disk_size_mib"));
+        assert!("nfs"
+            .parse::<DiskMode>()
+            .unwrap_err()
+            .to_string()
+            .contains("isolated, shared"));
+    }
+
+    #[test]
+    fn env_names_and_values() {
+        let ok: BTreeMap<String, String> = [("API_KEY", "sk-'$(x)`\n"), ("_x1", "")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        validate_env(&ok).unwrap();
+        for bad in ["", "1A", "A-B", "A=B", "A B", "É"] {
+            assert!(validate_env_name(bad).is_err(), "{bad:?}");
+        }
+        let nul: BTreeMap<String, String> = [("A".to_string(), "a\0b".to_string())].into();
+        assert!(validate_env(&nul).unwrap_err().to_string().contains("NUL"));
+        let c = VmConfig {
+            env_vars: ok,
+            ..Default::default()
+        };
+        assert!(c.redacted().env_vars.values().all(|v| v.is_empty()));
     }
 
     #[test]

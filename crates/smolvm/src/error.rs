@@ -111,6 +111,9 @@ pub enum Error {
         /// Seconds waited.
         secs: f64,
     },
+    /// A disk could not be made, found or used.
+    #[error("disk: {0}")]
+    Disk(String),
     /// The QEMU monitor (QMP) failed.
     #[error("QEMU monitor error: {0}")]
     Qmp(String),

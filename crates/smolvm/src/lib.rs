@@ -11,11 +11,14 @@
 //! # Ok::<(), smolvm::Error>(())
 //! ```
 
+mod cleanup;
 pub mod client;
 pub mod config;
 pub mod disk;
+mod env;
 pub mod error;
 pub mod exec;
+mod gc;
 pub mod hypervisor;
 pub mod paths;
 pub mod store;
@@ -24,10 +27,11 @@ pub mod util;
 mod vm;
 
 pub use client::OutputStream;
-pub use config::{NetworkMode, VmConfig};
+pub use config::{DiskMode, NetworkMode, VmConfig};
 pub use error::{Error, Result};
 pub use exec::{ExecOptions, ExecOutput};
+pub use gc::GcReport;
 pub use paths::Paths;
 pub use smolvm_protocol::Command;
-pub use store::{VmRecord, VmState};
+pub use store::{Owner, VmRecord, VmState};
 pub use vm::{Runtime, StartTimings, Vm, VmInfo};

@@ -37,6 +37,11 @@ impl Paths {
         self.state_dir.join("vms")
     }
 
+    /// Retained and shared disks.
+    pub fn disks_dir(&self) -> PathBuf {
+        self.state_dir.join("disks")
+    }
+
     /// The private directory of one VM.
     pub fn vm_dir(&self, id: &str) -> PathBuf {
         self.vms_dir().join(id)
@@ -45,7 +50,8 @@ impl Paths {
     /// Creates the state directories with owner-only permissions.
     pub fn ensure(&self) -> Result<()> {
         create_private_dir(&self.state_dir)?;
-        create_private_dir(&self.vms_dir())
+        create_private_dir(&self.vms_dir())?;
+        create_private_dir(&self.disks_dir())
     }
 }
 

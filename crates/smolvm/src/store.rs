@@ -10,7 +10,8 @@ use crate::config::VmConfig;
 use crate::error::{Error, Result};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE vms (
     id             TEXT PRIMARY KEY,
     state          TEXT NOT NULL,
@@ -23,7 +24,20 @@ CREATE TABLE vms (
     created_at     INTEGER NOT NULL,
     started_at     INTEGER
 );
-"#];
+"#,
+    r#"
+ALTER TABLE vms ADD COLUMN disk_path TEXT NOT NULL DEFAULT '';
+ALTER TABLE vms ADD COLUMN api_socket TEXT NOT NULL DEFAULT '';
+ALTER TABLE vms ADD COLUMN owner_pid INTEGER;
+ALTER TABLE vms ADD COLUMN owner_start INTEGER;
+ALTER TABLE vms ADD COLUMN ip TEXT;
+ALTER TABLE vms ADD COLUMN stopped_at INTEGER;
+"#,
+];
+
+/// The columns of a VM row, in the order [`row_to_record`] reads them.
+const COLUMNS: &str = "id, state, config, dir, supervisor_pid, qemu_pid, accelerator, error, \
+    created_at, started_at, disk_path, api_socket, owner_pid, owner_start, ip, stopped_at";
 
 /// Lifecycle states of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +103,43 @@ pub struct VmRecord {
     pub created_at: i64,
     /// Last start time, Unix seconds.
     pub started_at: Option<i64>,
+    /// The VM's root disk.
+    pub disk_path: String,
+    /// The VM's API socket (present while it runs).
+    pub api_socket: String,
+    /// The process whose death deletes the VM (ephemeral VMs), if any.
+    pub owner: Option<Owner>,
+    /// The guest's address, when it has a network with a host-assigned one.
+    pub ip: Option<String>,
+    /// Last stop time, Unix seconds.
+    pub stopped_at: Option<i64>,
+}
+
+/// A process identified so that a recycled pid is not mistaken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time (clock ticks after boot, field 22 of /proc/PID/stat).
+    pub start: u64,
+}
+
+impl Owner {
+    /// This process.
+    pub fn current() -> Option<Owner> {
+        Owner::of(std::process::id())
+    }
+
+    /// The process `pid`, if it exists.
+    pub fn of(pid: u32) -> Option<Owner> {
+        crate::util::process_start_ticks(pid).map(|start| Owner { pid, start })
+    }
+
+    /// Whether this very process still runs.
+    pub fn alive(&self) -> bool {
+        crate::util::pid_alive(self.pid)
+            && crate::util::process_start_ticks(self.pid) == Some(self.start)
+    }
 }
 
 /// A handle on the state database.
@@ -135,10 +186,21 @@ impl Store {
 
     /// Inserts a new VM; fails with [`Error::VmExists`] if the id is taken.
     pub fn insert(&self, rec: &VmRecord) -> Result<()> {
-        let config = serde_json::to_string(&rec.config).unwrap_or_default();
+        let config = serde_json::to_string(&rec.config.redacted()).unwrap_or_default();
         let res = self.conn.execute(
-            "INSERT INTO vms (id, state, config, dir, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![rec.id, rec.state.as_str(), config, rec.dir, rec.created_at],
+            "INSERT INTO vms (id, state, config, dir, created_at, disk_path, api_socket, owner_pid, owner_start) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                rec.id,
+                rec.state.as_str(),
+                config,
+                rec.dir,
+                rec.created_at,
+                rec.disk_path,
+                rec.api_socket,
+                rec.owner.map(|o| o.pid),
+                rec.owner.map(|o| o.start as i64)
+            ],
         );
         match res {
             Ok(_) => Ok(()),
@@ -155,7 +217,7 @@ impl Store {
     pub fn get(&self, id: &str) -> Result<Option<VmRecord>> {
         self.conn
             .query_row(
-                "SELECT id, state, config, dir, supervisor_pid, qemu_pid, accelerator, error, created_at, started_at FROM vms WHERE id = ?1",
+                &format!("SELECT {COLUMNS} FROM vms WHERE id = ?1"),
                 params![id],
                 row_to_record,
             )
@@ -167,7 +229,9 @@ impl Store {
     pub fn list(&self) -> Result<Vec<VmRecord>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT id, state, config, dir, supervisor_pid, qemu_pid, accelerator, error, created_at, started_at FROM vms ORDER BY created_at, id")
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM vms ORDER BY created_at, id"
+            ))
             .map_err(db_err("listing VMs"))?;
         let rows = stmt
             .query_map([], row_to_record)
@@ -198,12 +262,55 @@ impl Store {
         let sql = if state == VmState::Running {
             "UPDATE vms SET state=?2, error=?3 WHERE id=?1"
         } else {
-            "UPDATE vms SET state=?2, error=?3, supervisor_pid=NULL, qemu_pid=NULL WHERE id=?1"
+            "UPDATE vms SET state=?2, error=?3, supervisor_pid=NULL, qemu_pid=NULL, stopped_at=?4 WHERE id=?1"
         };
-        self.conn
-            .execute(sql, params![id, state.as_str(), error])
-            .map_err(db_err("updating the VM's state"))?;
+        let now = crate::util::now_unix();
+        let res = if state == VmState::Running {
+            self.conn.execute(sql, params![id, state.as_str(), error])
+        } else {
+            self.conn
+                .execute(sql, params![id, state.as_str(), error, now])
+        };
+        res.map_err(db_err("updating the VM's state"))?;
         Ok(())
+    }
+
+    /// Marks a VM whose supervisor died as `error`, only if it is still recorded as running
+    /// under that supervisor. Returns whether it changed the row.
+    pub fn mark_lost(&self, id: &str, supervisor_pid: Option<u32>, why: &str) -> Result<bool> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE vms SET state='error', error=?3, supervisor_pid=NULL, qemu_pid=NULL, stopped_at=?4 \
+                 WHERE id=?1 AND state='running' AND supervisor_pid IS ?2",
+                params![id, supervisor_pid, why, crate::util::now_unix()],
+            )
+            .map_err(db_err("recording the VM's supervisor as gone"))?;
+        Ok(n > 0)
+    }
+
+    /// Records the VM's root disk.
+    pub fn set_disk(&self, id: &str, disk_path: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE vms SET disk_path=?2 WHERE id=?1",
+                params![id, disk_path],
+            )
+            .map_err(db_err("recording the VM's disk"))?;
+        Ok(())
+    }
+
+    /// Records (or clears) the process whose death deletes the VM. Returns false when the
+    /// row is gone.
+    pub fn set_owner(&self, id: &str, owner: Option<Owner>) -> Result<bool> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE vms SET owner_pid=?2, owner_start=?3 WHERE id=?1",
+                params![id, owner.map(|o| o.pid), owner.map(|o| o.start as i64)],
+            )
+            .map_err(db_err("recording the VM's owner"))?;
+        Ok(n > 0)
     }
 
     /// Removes a VM's row.
@@ -256,6 +363,17 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
         error: r.get(7)?,
         created_at: r.get(8)?,
         started_at: r.get(9)?,
+        disk_path: r.get(10)?,
+        api_socket: r.get(11)?,
+        owner: match (r.get::<_, Option<u32>>(12)?, r.get::<_, Option<i64>>(13)?) {
+            (Some(pid), Some(start)) => Some(Owner {
+                pid,
+                start: start as u64,
+            }),
+            _ => None,
+        },
+        ip: r.get(14)?,
+        stopped_at: r.get(15)?,
     })
 }
 
@@ -275,6 +393,11 @@ mod tests {
             error: None,
             created_at: 1,
             started_at: None,
+            disk_path: "/nonexistent/disk.qcow2".into(),
+            api_socket: "/nonexistent/api.sock".into(),
+            owner: None,
+            ip: None,
+            stopped_at: None,
         }
     }
 

@@ -69,3 +69,53 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// A process's start time in clock ticks after boot (field 22 of `/proc/PID/stat`); with
+/// the pid it names one process for good, even after the pid is reused.
+pub(crate) fn process_start_ticks(pid: u32) -> Option<u64> {
+    if pid == 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name start at field 3 (state).
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The NUL-separated command line of a process (empty when it is gone or unreadable).
+pub(crate) fn process_cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every pid on the host.
+pub(crate) fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sends SIGKILL to `pid` and waits (up to `wait`) until it is gone or a zombie.
+pub(crate) fn kill_and_wait(pid: u32, wait: std::time::Duration) {
+    if pid <= 1 {
+        return;
+    }
+    // SAFETY: plain kill(2).
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    let deadline = std::time::Instant::now() + wait;
+    while pid_alive(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::io::BufRead;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,13 +11,18 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use smolvm_protocol::HelloReply;
 
+use std::collections::BTreeMap;
+
+use smolvm_protocol::EnvUpdate;
+
 use crate::client::{ApiClient, OutputStream};
-use crate::config::{generate_id, VmConfig};
+use crate::config::{generate_id, validate_env, validate_env_name, DiskMode, VmConfig};
+use crate::disk::{self, OVERLAY_NAME};
 use crate::error::{io_err, Error, Result};
 use crate::exec::{ExecOptions, ExecOutput};
 use crate::hypervisor::{detect_accelerator, Accelerator, LaunchSpec};
 use crate::paths::{create_private_dir, Paths};
-use crate::store::{Store, VmRecord, VmState};
+use crate::store::{Owner, Store, VmRecord, VmState};
 use crate::supervisor::{files, StartupEvent};
 
 struct Inner {
@@ -42,6 +47,17 @@ pub struct StartTimings {
     pub accelerator: Accelerator,
     /// The agent's handshake answer.
     pub guest: HelloReply,
+    /// The VM was already running; nothing was started.
+    pub already_running: bool,
+}
+
+/// What a VM boots: kernel, initramfs and the base its disk is made from.
+struct BootFiles {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    base: Option<PathBuf>,
+    /// The image lets several running VMs write one disk (marker file `shareable`).
+    shareable: bool,
 }
 
 /// A VM as listed, with its state reconciled against the running processes.
@@ -94,8 +110,62 @@ impl Runtime {
     /// Validates `config` and records a new VM with its own disk. Nothing is created when
     /// the config or the image is bad.
     pub fn create(&self, config: VmConfig) -> Result<Vm> {
+        self.create_with_owner(config, None)
+    }
+
+    /// Like [`Runtime::create`], but the VM belongs to this process: when the process dies
+    /// (however it dies), the VM's supervisor stops and deletes it.
+    pub fn create_ephemeral(&self, config: VmConfig) -> Result<Vm> {
+        self.create_with_owner(config, Owner::current())
+    }
+
+    fn boot_files(&self, config: &VmConfig) -> Result<BootFiles> {
+        let explicit = config.kernel_path.is_some()
+            && config.initrd_path.is_some()
+            && (config.rootfs_path.is_some() || config.disk_path.is_some());
+        let image = if explicit {
+            None
+        } else {
+            Some(smolvm_image::open(&self.paths().images_dir, &config.image)?)
+        };
+        let kernel = match (&config.kernel_path, &image) {
+            (Some(k), _) => k.clone(),
+            (None, Some(i)) => i.kernel.clone(),
+            (None, None) => unreachable_config("kernel_path")?,
+        };
+        // A kernel from an image directory goes with that image's initramfs (its modules
+        // match that kernel).
+        let sibling_initrd = config
+            .kernel_path
+            .as_ref()
+            .and_then(|k| k.parent())
+            .filter(|d| d.join("manifest.json").is_file())
+            .map(|d| d.join("initrd.cpio"))
+            .filter(|p| p.is_file());
+        let initrd = match (&config.initrd_path, sibling_initrd, &image) {
+            (Some(i), _, _) => i.clone(),
+            (None, Some(i), _) => i,
+            (None, None, Some(img)) => img.initrd.clone(),
+            (None, None, None) => unreachable_config("initrd_path")?,
+        };
+        let base = config
+            .rootfs_path
+            .clone()
+            .or_else(|| image.as_ref().map(|i| i.rootfs.clone()));
+        let shareable = image
+            .as_ref()
+            .is_some_and(|i| i.dir.join("shareable").is_file());
+        Ok(BootFiles {
+            kernel,
+            initrd,
+            base,
+            shareable,
+        })
+    }
+
+    fn create_with_owner(&self, config: VmConfig, owner: Option<Owner>) -> Result<Vm> {
         config.validate()?;
-        let image = smolvm_image::open(&self.paths().images_dir, &config.image)?;
+        let boot = self.boot_files(&config)?;
         let explicit = config.vm_id.is_some();
         let mut attempt = 0;
         let (id, dir) = loop {
@@ -114,6 +184,11 @@ impl Runtime {
                 error: None,
                 created_at: crate::util::now_unix(),
                 started_at: None,
+                disk_path: String::new(),
+                api_socket: dir.join(files::API_SOCK).display().to_string(),
+                owner,
+                ip: None,
+                stopped_at: None,
             };
             match self.store().insert(&rec) {
                 Ok(()) => break (id, dir),
@@ -137,15 +212,61 @@ impl Runtime {
                             .into(),
                 });
             }
+            if dir.exists() {
+                // Left by a crash between creating it and recording the VM: not ours any more.
+                crate::cleanup::kill_vm_processes(&dir);
+                crate::cleanup::remove_dir(&dir)?;
+            }
             create_private_dir(&dir)?;
-            crate::disk::create_overlay(&image.rootfs, &dir.join("disk.qcow2"))
+            let disk = self.make_disk(&config, &boot, &dir)?;
+            if !config.env_vars.is_empty() {
+                crate::env::add_pending(&dir, crate::env::set_update(&config.env_vars, true))?;
+            }
+            self.store().set_disk(&id, &disk.display().to_string())
         })();
         if let Err(e) = made {
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = crate::cleanup::remove_dir(&dir);
             let _ = self.store().delete(&id);
             return Err(e);
         }
         Ok(vm)
+    }
+
+    /// The VM's root disk: an existing one, the image's shared one, or a new overlay.
+    fn make_disk(
+        &self,
+        config: &VmConfig,
+        boot: &BootFiles,
+        dir: &std::path::Path,
+    ) -> Result<PathBuf> {
+        let absolute = |field: &'static str, p: &PathBuf| {
+            std::fs::canonicalize(p).map_err(|e| Error::InvalidConfig {
+                field,
+                value: p.display().to_string(),
+                allowed: format!("a path to an existing file ({e})"),
+            })
+        };
+        if let Some(p) = &config.disk_path {
+            return absolute("disk_path", p);
+        }
+        let base = boot.base.as_ref().ok_or_else(|| {
+            Error::Disk("no root filesystem: give rootfs_path or an image".into())
+        })?;
+        match config.disk_mode {
+            DiskMode::Shared => match &config.rootfs_path {
+                Some(p) => absolute("rootfs_path", p),
+                None => disk::shared_disk(&self.paths().disks_dir(), &config.image, base),
+            },
+            DiskMode::Isolated => {
+                let overlay = dir.join(OVERLAY_NAME);
+                disk::create_overlay(
+                    &absolute("rootfs_path", base)?,
+                    &overlay,
+                    config.disk_size_mib,
+                )?;
+                Ok(overlay)
+            }
+        }
     }
 
     /// A handle on an existing VM.
@@ -161,6 +282,11 @@ impl Runtime {
         })
     }
 
+    /// Runs `f` with the state database.
+    pub(crate) fn with_store<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+        f(&self.store())
+    }
+
     /// Every VM, with states reconciled against reality (a dead supervisor is an error,
     /// never "running").
     pub fn list(&self) -> Result<Vec<VmInfo>> {
@@ -174,16 +300,21 @@ impl Runtime {
     }
 
     fn reconcile(&self, mut r: VmRecord) -> VmRecord {
-        if r.state == VmState::Running {
-            let sup_alive = r.supervisor_pid.is_some_and(crate::util::pid_alive);
-            if !sup_alive {
-                let why = format!(
-                    "its supervisor (pid {}) is gone",
-                    r.supervisor_pid.unwrap_or(0)
-                );
-                let _ = self.store().set_state(&r.id, VmState::Error, Some(&why));
+        if r.state == VmState::Running && !crate::supervisor::is_running(Path::new(&r.dir)) {
+            let why = format!(
+                "its supervisor (pid {}) is gone; `smolvm gc` cleans up, `smolvm start {}` boots it again",
+                r.supervisor_pid.unwrap_or(0),
+                r.id
+            );
+            // Only if nothing changed meanwhile (a supervisor that just stopped cleanly
+            // recorded `stopped` before letting go of its lock).
+            if let Ok(true) = self.store().mark_lost(&r.id, r.supervisor_pid, &why) {
                 r.state = VmState::Error;
                 r.error = Some(why);
+                r.supervisor_pid = None;
+                r.qemu_pid = None;
+            } else if let Ok(Some(now)) = self.store().get(&r.id) {
+                r = now;
             }
         }
         r
@@ -220,18 +351,40 @@ impl Vm {
         ApiClient::new(&self.id, &self.dir.join(files::API_SOCK))
     }
 
-    /// Boots the VM and waits until its agent answers.
+    /// Boots the VM and waits until its agent answers. Starting a running VM does nothing
+    /// (the timings say `already_running`).
     pub fn start(&self) -> Result<StartTimings> {
         let t0 = Instant::now();
         let rec = self.info()?;
-        if rec.state == VmState::Running {
-            return Err(Error::BadState {
+        if crate::supervisor::is_running(&self.dir) {
+            let status = self.client().status()?;
+            let guest = status.guest.ok_or_else(|| Error::BadState {
                 id: self.id.clone(),
-                state: "running".into(),
-                hint: "it is already started".into(),
+                state: "starting".into(),
+                hint: "another process is starting it; wait for it to finish".into(),
+            })?;
+            return Ok(StartTimings {
+                create_start: Duration::ZERO,
+                ready: Duration::ZERO,
+                accelerator: if status.accelerator == Accelerator::Kvm.as_str() {
+                    Accelerator::Kvm
+                } else {
+                    Accelerator::Tcg
+                },
+                guest,
+                already_running: true,
             });
         }
-        let image = smolvm_image::open(&self.rt.paths().images_dir, &rec.config.image)?;
+        let boot = self.rt.boot_files(&rec.config)?;
+        let disk_path = PathBuf::from(&rec.disk_path);
+        if !disk_path.is_file() {
+            return Err(Error::Disk(format!(
+                "the disk of VM {} ({}) is missing; delete the VM with `smolvm rm {}`",
+                self.id,
+                disk_path.display(),
+                self.id
+            )));
+        }
         let accel = detect_accelerator();
         let ready_timeout_secs = std::env::var("SMOLVM_READY_TIMEOUT")
             .ok()
@@ -244,16 +397,18 @@ impl Vm {
             id: self.id.clone(),
             vcpus: rec.config.vcpu_count,
             mem_mib: rec.config.mem_size_mib,
-            kernel: image.kernel.clone(),
-            initrd: image.initrd.clone(),
-            disk: self.dir.join("disk.qcow2"),
-            disk_format: "qcow2".into(),
+            kernel: boot.kernel,
+            initrd: boot.initrd,
+            disk_format: disk::detect_format(&disk_path)?.as_str().into(),
+            disk: disk_path,
             extra_boot_args: rec.config.boot_args.clone(),
             network: rec.config.network,
             accelerator: accel.accelerator,
             tsc_khz: accel.tsc_khz,
             db_path: self.rt.paths().db_path(),
             ready_timeout_secs,
+            state_dir: self.rt.paths().state_dir.clone(),
+            lock_disk: !(boot.shareable && rec.config.disk_mode == DiskMode::Shared),
         };
         let spec_json = serde_json::to_vec_pretty(&spec).unwrap_or_default();
         std::fs::write(self.dir.join(files::SPEC), spec_json).map_err(io_err(format!(
@@ -310,15 +465,18 @@ impl Vm {
         }
         let deadline = t0 + Duration::from_secs(ready_timeout_secs + 30);
         let mut create_start = None;
-        let fail = |reason: String| {
+        // The supervisor records its own failures; when it hangs or vanishes, we do.
+        let fail = |reason: String, record: bool| {
             // SAFETY: plain kill(2) of our own child's pid.
             unsafe {
                 libc::kill(sup_pid as i32, libc::SIGKILL);
             }
-            let _ = self
-                .rt
-                .store()
-                .set_state(&self.id, VmState::Error, Some(&reason));
+            if record {
+                let _ = self
+                    .rt
+                    .store()
+                    .set_state(&self.id, VmState::Error, Some(&reason));
+            }
             reason
         };
         loop {
@@ -332,17 +490,18 @@ impl Vm {
                         ready,
                         accelerator: accel.accelerator,
                         guest: hello,
+                        already_running: false,
                     });
                 }
                 Ok(StartupEvent::Failed { reason }) => {
-                    let reason = fail(reason);
+                    let reason = fail(reason, false);
                     return Err(Error::StartFailed {
                         id: self.id.clone(),
                         reason,
                     });
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    fail("timed out waiting for the supervisor".into());
+                    fail("timed out waiting for the supervisor".into(), true);
                     return Err(Error::ReadyTimeout {
                         id: self.id.clone(),
                         secs: ready_timeout_secs,
@@ -358,9 +517,10 @@ impl Vm {
                         .take(5)
                         .collect::<Vec<_>>()
                         .join(" | ");
-                    let reason = fail(format!(
-                        "the supervisor exited before the VM was ready: {tail}"
-                    ));
+                    let reason = fail(
+                        format!("the supervisor exited before the VM was ready: {tail}"),
+                        true,
+                    );
                     return Err(Error::StartFailed {
                         id: self.id.clone(),
                         reason,
@@ -444,8 +604,9 @@ impl Vm {
         })
     }
 
-    /// Stops the VM (flushing the guest's disks first when `graceful`). Stopping a VM that
-    /// is not running is not an error.
+    /// Stops the VM. With `graceful`, the guest first shuts down cleanly (processes
+    /// ended, disks flushed) within a few seconds; then QEMU is told to quit, then killed.
+    /// Stopping a VM that is not running is not an error.
     pub fn stop(&self, graceful: bool) -> Result<()> {
         let rec = self.info()?;
         let grace = if graceful {
@@ -453,40 +614,104 @@ impl Vm {
         } else {
             Duration::ZERO
         };
-        if rec.state == VmState::Running && self.client().stop(grace).is_ok() {
-            return Ok(());
-        }
-        // The supervisor is unreachable: make sure nothing of the VM survives.
-        for pid in [rec.supervisor_pid, rec.qemu_pid].into_iter().flatten() {
-            if crate::util::pid_alive(pid) {
-                // SAFETY: plain kill(2).
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGKILL);
-                }
+        if crate::supervisor::is_running(&self.dir) && self.client().stop(grace).is_ok() {
+            // The supervisor has recorded the stop; wait for it to let go of the VM.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while crate::supervisor::is_running(&self.dir) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if !crate::supervisor::is_running(&self.dir) {
+                return Ok(());
             }
         }
-        if matches!(rec.state, VmState::Running | VmState::Error) {
+        // The supervisor is unreachable or stuck: make sure nothing of the VM survives.
+        crate::cleanup::kill_vm_processes(&self.dir);
+        for f in [
+            files::API_SOCK,
+            files::AGENT_SOCK,
+            files::CONSOLE_SOCK,
+            files::QMP_SOCK,
+        ] {
+            let _ = std::fs::remove_file(self.dir.join(f));
+        }
+        let now = self.info()?;
+        if matches!(now.state, VmState::Running | VmState::Error) {
+            let reason = now.error.or(rec.error);
             self.rt
                 .store()
-                .set_state(&self.id, VmState::Stopped, rec.error.as_deref())?;
+                .set_state(&self.id, VmState::Stopped, reason.as_deref())?;
         }
         Ok(())
     }
 
-    /// Stops the VM and removes everything of it: processes, sockets, disk, row.
-    pub fn delete(&self) -> Result<()> {
-        self.stop(false)?;
-        if self.dir.starts_with(self.rt.paths().vms_dir()) {
-            std::fs::remove_dir_all(&self.dir)
-                .or_else(|e| {
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })
-                .map_err(io_err(format!("removing {}", self.dir.display())))?;
-        }
-        self.rt.store().delete(&self.id)
+    /// Stops the VM and removes everything of it: processes, sockets, overlay (unless
+    /// `retain_disk_on_delete`), row. Returns where the disk was retained, if it was.
+    pub fn delete(&self) -> Result<Option<PathBuf>> {
+        let rec = self.info()?;
+        // A disk that is kept must be consistent: shut the guest down cleanly first.
+        self.stop(rec.config.retain_disk_on_delete)?;
+        crate::cleanup::remove_vm(&self.rt.paths().state_dir, &self.rt.store(), &rec)
     }
+
+    /// Makes this VM ephemeral (owned by `owner`: deleted when that process dies) or, with
+    /// `None`, persistent.
+    pub fn set_owner(&self, owner: Option<Owner>) -> Result<()> {
+        if self.rt.store().set_owner(&self.id, owner)? {
+            Ok(())
+        } else {
+            Err(Error::VmNotFound(self.id.clone()))
+        }
+    }
+
+    /// Sets persistent environment variables: every later command sees them, and login
+    /// shells get them from /etc/profile.d/smolvm_env.sh. Without `merge`, every other
+    /// variable is removed. Values are passed as data, never through a shell. On a VM that
+    /// is not running, the change is applied at its next start. Returns the environment
+    /// after the change (empty when the VM is not running).
+    pub fn set_env_vars(
+        &self,
+        vars: &BTreeMap<String, String>,
+        merge: bool,
+    ) -> Result<BTreeMap<String, String>> {
+        validate_env(vars)?;
+        self.update_env(crate::env::set_update(vars, merge))
+    }
+
+    /// Removes persistent environment variables; returns the environment after the change.
+    pub fn unset_env_vars(&self, names: &[String]) -> Result<BTreeMap<String, String>> {
+        for n in names {
+            validate_env_name(n)?;
+        }
+        self.update_env(EnvUpdate {
+            unset: names.to_vec(),
+            ..Default::default()
+        })
+    }
+
+    /// The persistent environment variables, read from the running guest.
+    pub fn env_vars(&self) -> Result<BTreeMap<String, String>> {
+        self.require_running()?;
+        Ok(self
+            .client()
+            .env(EnvUpdate::default())?
+            .into_iter()
+            .collect())
+    }
+
+    fn update_env(&self, update: EnvUpdate) -> Result<BTreeMap<String, String>> {
+        let rec = self.info()?;
+        if rec.state == VmState::Running {
+            return Ok(self.client().env(update)?.into_iter().collect());
+        }
+        crate::env::add_pending(&self.dir, update)?;
+        Ok(BTreeMap::new())
+    }
+}
+
+fn unreachable_config<T>(field: &'static str) -> Result<T> {
+    Err(Error::InvalidConfig {
+        field,
+        value: String::new(),
+        allowed: "a path, or an image to take it from".into(),
+    })
 }

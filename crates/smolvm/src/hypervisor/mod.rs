@@ -44,6 +44,10 @@ pub struct LaunchSpec {
     pub db_path: PathBuf,
     /// Seconds to wait for the agent handshake.
     pub ready_timeout_secs: u64,
+    /// The state directory (the supervisor deletes an ephemeral VM whose owner died).
+    pub state_dir: PathBuf,
+    /// Hold the disk's lock while running (false only for images marked shareable).
+    pub lock_disk: bool,
 }
 
 /// Host-side endpoints a backend wires the VM to; the supervisor listens on each.

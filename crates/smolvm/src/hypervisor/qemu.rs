@@ -118,9 +118,15 @@ impl QemuMicrovm {
         push("chardev=qmp,mode=control");
         push("-drive");
         push(&format!(
-            "id=root,file={},format={},if=none,discard=unmap",
+            "id=root,file={},format={},if=none,discard=unmap{}",
             spec.disk.display(),
-            spec.disk_format
+            spec.disk_format,
+            // A disk of an image marked shareable may be open in several VMs at once.
+            if spec.lock_disk {
+                ""
+            } else {
+                ",file.locking=off"
+            }
         ));
         push("-device");
         push("virtio-blk-device,drive=root");
@@ -179,6 +185,8 @@ mod tests {
             tsc_khz: Some(2_596_132),
             db_path: PathBuf::from("/db"),
             ready_timeout_secs: 60,
+            state_dir: PathBuf::from("/state"),
+            lock_disk: true,
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use smolvm_protocol::{
-    decode, encode, GuestMessage, Hello, HelloReply, HostMessage, PROTOCOL_VERSION,
+    decode, encode, EnvUpdate, GuestMessage, Hello, HelloReply, HostMessage, PROTOCOL_VERSION,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -134,10 +134,62 @@ impl AgentLink {
             }
             Some(GuestMessage::Error(e)) => Err(Error::Agent(e)),
             Some(other) => Err(Error::Agent(format!(
-                "unexpected handshake reply: {other:?}"
+                "unexpected handshake reply: {}",
+                describe(&other)
             ))),
             None => Err(Error::Agent("agent closed the handshake stream".into())),
         }
+    }
+}
+
+impl AgentLink {
+    /// Changes (or, with an empty update, reads) the guest's persistent environment.
+    pub async fn env(&self, update: EnvUpdate) -> Result<Vec<(String, String)>> {
+        let mut s = self.open().await?;
+        send(&mut s, &HostMessage::Env(update)).await?;
+        let reply = tokio::time::timeout(Duration::from_secs(10), recv(&mut s))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "the guest agent to update its environment".into(),
+                secs: 10.0,
+            })??;
+        match reply {
+            Some(GuestMessage::Env(vars)) => Ok(vars),
+            Some(GuestMessage::Error(e)) => Err(Error::Agent(e)),
+            Some(other) => Err(Error::Agent(format!(
+                "unexpected reply to an environment update: {}",
+                describe(&other)
+            ))),
+            None => Err(Error::Agent(
+                "agent closed the stream without answering".into(),
+            )),
+        }
+    }
+
+    /// Asks the guest to shut down cleanly; returns once the agent accepted.
+    pub async fn shutdown(&self) -> Result<()> {
+        let mut s = self.open().await?;
+        send(&mut s, &HostMessage::Shutdown).await?;
+        match recv(&mut s).await? {
+            Some(GuestMessage::Ok) => Ok(()),
+            Some(GuestMessage::Error(e)) => Err(Error::Agent(e)),
+            _ => Err(Error::Agent("the agent did not accept the shutdown".into())),
+        }
+    }
+}
+
+/// A short name for a guest message (never its contents, which may be huge or hostile).
+fn describe(m: &GuestMessage) -> &'static str {
+    match m {
+        GuestMessage::Hello(_) => "Hello",
+        GuestMessage::Started { .. } => "Started",
+        GuestMessage::Stdout(_) => "Stdout",
+        GuestMessage::Stderr(_) => "Stderr",
+        GuestMessage::Exited(_) => "Exited",
+        GuestMessage::Error(_) => "Error",
+        GuestMessage::Pong(_) => "Pong",
+        GuestMessage::Env(_) => "Env",
+        GuestMessage::Ok => "Ok",
     }
 }
 

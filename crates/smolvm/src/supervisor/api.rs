@@ -64,6 +64,13 @@ pub async fn handle(stream: UnixStream, shared: Arc<Shared>) {
             let _ = reply(&mut client, &ApiReply::Ok).await;
         }
         ApiRequest::Exec(req) => relay_exec(client, &shared.link, req).await,
+        ApiRequest::Env(update) => {
+            let r = match shared.link.env(update).await {
+                Ok(vars) => ApiReply::Env(vars),
+                Err(e) => ApiReply::Error(e.to_string()),
+            };
+            let _ = reply(&mut client, &r).await;
+        }
     }
 }
 

@@ -63,10 +63,22 @@ pub mod files {
     pub const SUPERVISOR_LOG: &str = "supervisor.log";
     /// Held locked by the running supervisor.
     pub const LOCK: &str = "supervisor.lock";
+    /// Environment changes made while the VM was not running, applied at its next boot
+    /// (mode 0600).
+    pub const PENDING_ENV: &str = "env.pending";
 }
 
 /// Entry point of `smolvm __supervise DIR`. Returns the process exit code.
 pub fn main(vm_dir: &Path) -> i32 {
+    let spec = match read_spec(vm_dir) {
+        Ok(spec) => spec,
+        Err(e) => {
+            emit(&StartupEvent::Failed {
+                reason: e.to_string(),
+            });
+            return 1;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -79,14 +91,67 @@ pub fn main(vm_dir: &Path) -> i32 {
             return 1;
         }
     };
-    match rt.block_on(run(vm_dir)) {
+    match rt.block_on(run(vm_dir, &spec)) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %e, "supervisor failed");
+            // Record the failure ourselves: the client that started us may be gone. A
+            // second supervisor refused by the lock leaves the running VM's state alone.
+            if !matches!(e, Error::BadState { .. }) {
+                if let Ok(store) = Store::open(&spec.db_path) {
+                    let _ = store.set_state(&spec.id, VmState::Error, Some(&e.to_string()));
+                }
+            }
             emit(&StartupEvent::Failed {
                 reason: e.to_string(),
             });
             1
+        }
+    }
+}
+
+fn read_spec(vm_dir: &Path) -> Result<LaunchSpec> {
+    let spec_path = vm_dir.join(files::SPEC);
+    serde_json::from_slice(
+        &std::fs::read(&spec_path).map_err(io_err(format!("reading {}", spec_path.display())))?,
+    )
+    .map_err(|e| Error::StartFailed {
+        id: vm_dir.display().to_string(),
+        reason: format!("bad launch spec: {e}"),
+    })
+}
+
+/// Whether a supervisor currently runs the VM in `vm_dir` (it holds the VM's lock for its
+/// whole life; the kernel releases it however the process ends, so this never lies).
+pub fn is_running(vm_dir: &Path) -> bool {
+    let Ok(f) = std::fs::File::open(vm_dir.join(files::LOCK)) else {
+        return false;
+    };
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
+}
+
+/// Takes the VM's supervisor lock. A probe by [`is_running`] holds it for an instant, so
+/// retry briefly before concluding another supervisor has it.
+fn take_lock(vm_dir: &Path, id: &str) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let lock_path = vm_dir.join(files::LOCK);
+    let deadline = Instant::now() + Duration::from_millis(300);
+    loop {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(format!("opening {}", lock_path.display())))?;
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => {
+                return Err(Error::BadState {
+                    id: id.to_string(),
+                    state: "running".into(),
+                    hint: "another supervisor already runs this VM".into(),
+                })
+            }
         }
     }
 }
@@ -144,30 +209,15 @@ fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
     }
 }
 
-async fn run(vm_dir: &Path) -> Result<()> {
-    let spec_path = vm_dir.join(files::SPEC);
-    let spec: LaunchSpec = serde_json::from_slice(
-        &std::fs::read(&spec_path).map_err(io_err(format!("reading {}", spec_path.display())))?,
-    )
-    .map_err(|e| Error::StartFailed {
-        id: vm_dir.display().to_string(),
-        reason: format!("bad launch spec: {e}"),
-    })?;
-
+async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
     // One supervisor per VM: hold an exclusive lock for our whole life.
-    let lock_path = vm_dir.join(files::LOCK);
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io_err(format!("opening {}", lock_path.display())))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| Error::BadState {
-            id: spec.id.clone(),
-            state: "running".into(),
-            hint: "another supervisor already runs this VM".into(),
-        })?;
+    let _lock = take_lock(vm_dir, &spec.id)?;
+    // One running VM per writable disk (unless its image is marked shareable).
+    let _disk_lock = if spec.lock_disk {
+        Some(crate::disk::lock(&spec.disk)?)
+    } else {
+        None
+    };
 
     let ep = Endpoints {
         agent: vm_dir.join(files::AGENT_SOCK),
@@ -180,7 +230,7 @@ async fn run(vm_dir: &Path) -> Result<()> {
     let api_path = vm_dir.join(files::API_SOCK);
 
     let backend = QemuMicrovm;
-    let mut cmd = backend.command(&spec, &ep)?;
+    let mut cmd = backend.command(spec, &ep)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -232,6 +282,11 @@ async fn run(vm_dir: &Path) -> Result<()> {
             accel: spec.accelerator.to_string(),
             console: vm_dir.join(files::CONSOLE_LOG),
         })??;
+        // Variables given at create time are applied before anyone can run a command.
+        if let Some(update) = crate::env::read_pending(vm_dir) {
+            link.env(update).await?;
+            let _ = std::fs::remove_file(vm_dir.join(files::PENDING_ENV));
+        }
         Ok::<_, Error>((qmp, link, hello))
     };
     let (mut qmp, link, hello) = tokio::select! {
@@ -246,14 +301,13 @@ async fn run(vm_dir: &Path) -> Result<()> {
     };
     tracing::info!(id = %spec.id, ms = started.elapsed().as_millis() as u64, "agent ready");
     let api_l = bind(&api_path)?;
-    if let Ok(store) = Store::open(&spec.db_path) {
-        let _ = store.set_running(
-            &spec.id,
-            std::process::id(),
-            qemu_pid,
-            spec.accelerator.as_str(),
-        );
-    }
+    let store = Store::open(&spec.db_path)?;
+    store.set_running(
+        &spec.id,
+        std::process::id(),
+        qemu_pid,
+        spec.accelerator.as_str(),
+    )?;
     emit(&StartupEvent::Ready {
         hello: hello.clone(),
     });
@@ -272,12 +326,10 @@ async fn run(vm_dir: &Path) -> Result<()> {
     });
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io_err("installing SIGTERM handler"))?;
+    let mut watch = tokio::time::interval(OWNER_POLL);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let (end_state, end_reason, done): (
-        VmState,
-        Option<String>,
-        Option<tokio::sync::oneshot::Sender<()>>,
-    ) = loop {
+    let end = loop {
         tokio::select! {
             conn = api_l.accept() => {
                 if let Ok((s, _)) = conn {
@@ -287,7 +339,7 @@ async fn run(vm_dir: &Path) -> Result<()> {
             status = child.wait() => {
                 let why = describe_exit(status);
                 tracing::warn!(%why, "QEMU ended");
-                break (VmState::Error, Some(why), None);
+                break End::State(VmState::Error, Some(why), None);
             }
             req = stop_rx.recv() => {
                 let (graceful_ms, done) = match req {
@@ -295,30 +347,73 @@ async fn run(vm_dir: &Path) -> Result<()> {
                     None => (0, None),
                 };
                 shutdown(&mut child, &mut qmp, &link, graceful_ms).await;
-                break (VmState::Stopped, None, done);
+                break End::State(VmState::Stopped, None, done);
             }
             _ = sigterm.recv() => {
                 shutdown(&mut child, &mut qmp, &link, 0).await;
-                break (VmState::Stopped, None, None);
+                break End::State(VmState::Stopped, None, None);
+            }
+            _ = watch.tick() => {
+                match store.get(&spec.id) {
+                    // Deleted behind our back (e.g. `smolvm rm` of a VM it could not reach).
+                    Ok(None) => {
+                        shutdown(&mut child, &mut qmp, &link, 0).await;
+                        break End::Gone;
+                    }
+                    // An ephemeral VM whose owner died goes with it.
+                    Ok(Some(rec)) if rec.owner.is_some_and(|o| !o.alive()) => {
+                        tracing::warn!(id = %spec.id, "owner process is gone; deleting the VM");
+                        shutdown(&mut child, &mut qmp, &link, 0).await;
+                        break End::Delete(Box::new(rec));
+                    }
+                    _ => {}
+                }
             }
         }
     };
     for p in [&api_path, &ep.agent, &ep.console, &ep.control] {
         let _ = std::fs::remove_file(p);
     }
-    if let Ok(store) = Store::open(&spec.db_path) {
-        let _ = store.set_state(&spec.id, end_state, end_reason.as_deref());
-    }
-    if let Some(done) = done {
-        let _ = done.send(());
-        // Let the stop requester read its reply before we exit.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    match end {
+        End::State(state, reason, done) => {
+            let _ = store.set_state(&spec.id, state, reason.as_deref());
+            if let Some(done) = done {
+                let _ = done.send(());
+                // Let the stop requester read its reply before we exit.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        End::Gone => {}
+        End::Delete(rec) => {
+            drop(_disk_lock);
+            if let Err(e) = crate::cleanup::remove_vm(&spec.state_dir, &store, &rec) {
+                tracing::error!(error = %e, "could not delete the VM after its owner died");
+            }
+        }
     }
     Ok(())
 }
 
-/// Ends QEMU: optionally flush the guest's disks through the agent, then QMP `quit`, then
-/// SIGKILL, each step with a deadline.
+/// How often the supervisor checks that its VM still exists and its owner still lives.
+const OWNER_POLL: Duration = Duration::from_millis(500);
+
+/// How the supervisor's main loop ended.
+enum End {
+    /// Record this state (and reason); tell a stop requester when done.
+    State(
+        VmState,
+        Option<String>,
+        Option<tokio::sync::oneshot::Sender<()>>,
+    ),
+    /// The VM's row was deleted: nothing to record.
+    Gone,
+    /// The owner died: delete the VM.
+    Delete(Box<crate::store::VmRecord>),
+}
+
+/// Ends QEMU: with a grace period, ask the agent for a clean shutdown (processes ended,
+/// disks flushed, root unmounted, power off) and wait for QEMU to exit; then QMP `quit`;
+/// then SIGKILL. Each step has a deadline.
 async fn shutdown(
     child: &mut tokio::process::Child,
     qmp: &mut Qmp,
@@ -326,32 +421,18 @@ async fn shutdown(
     graceful_ms: u64,
 ) {
     if graceful_ms > 0 {
-        let sync = async {
-            let mut s = link.open().await?;
-            agent_link::send(
-                &mut s,
-                &smolvm_protocol::HostMessage::Exec(smolvm_protocol::ExecRequest {
-                    command: smolvm_protocol::Command::Argv(vec!["sync".into()]),
-                    env: vec![],
-                    cwd: None,
-                    stdin: false,
-                    timeout_ms: Some(graceful_ms),
-                    max_output_bytes: 4096,
-                }),
-            )
-            .await?;
-            while let Some(m) = agent_link::recv(&mut s).await? {
-                if matches!(
-                    m,
-                    smolvm_protocol::GuestMessage::Exited(_)
-                        | smolvm_protocol::GuestMessage::Error(_)
-                ) {
-                    break;
-                }
-            }
-            Ok::<_, Error>(())
+        let grace = Duration::from_millis(graceful_ms);
+        let clean = async {
+            tokio::time::timeout(grace, link.shutdown())
+                .await
+                .ok()?
+                .ok()?;
+            tokio::time::timeout(grace, child.wait()).await.ok()
         };
-        let _ = tokio::time::timeout(Duration::from_millis(graceful_ms), sync).await;
+        if clean.await.is_some() {
+            return;
+        }
+        tracing::warn!("the guest did not shut down within {graceful_ms} ms; quitting QEMU");
     }
     let _ = qmp.execute("quit", None, Duration::from_millis(500)).await;
     if tokio::time::timeout(Duration::from_secs(2), child.wait())

@@ -1,0 +1,149 @@
+//! `gc`: repairs what crashes leave behind. Ephemeral VMs whose owner died are deleted;
+//! VMs whose supervisor died are marked `error` with the reason and their orphan
+//! processes and sockets removed; directories and processes without a VM are removed.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::store::VmState;
+use crate::supervisor::files;
+use crate::vm::Runtime;
+
+/// What one `gc` pass did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Ephemeral VMs deleted because their owner process is gone.
+    pub deleted_vms: Vec<String>,
+    /// VMs recorded as running whose supervisor was gone, now marked `error`.
+    pub marked_error: Vec<String>,
+    /// Stray processes killed (a QEMU or supervisor without a live VM).
+    pub killed_processes: usize,
+    /// Stale sockets and temporary files removed.
+    pub removed_files: Vec<PathBuf>,
+    /// VM directories with no VM recorded, removed.
+    pub removed_dirs: Vec<PathBuf>,
+    /// Rows whose directory had vanished, removed.
+    pub removed_rows: Vec<String>,
+}
+
+impl GcReport {
+    /// Whether the pass found nothing to do.
+    pub fn is_clean(&self) -> bool {
+        self.deleted_vms.is_empty()
+            && self.marked_error.is_empty()
+            && self.killed_processes == 0
+            && self.removed_files.is_empty()
+            && self.removed_dirs.is_empty()
+            && self.removed_rows.is_empty()
+    }
+}
+
+const SOCKETS: [&str; 4] = [
+    files::API_SOCK,
+    files::AGENT_SOCK,
+    files::CONSOLE_SOCK,
+    files::QMP_SOCK,
+];
+
+impl Runtime {
+    /// Repairs the state left by crashed processes (see the module docs). Running VMs with
+    /// a live supervisor and a live (or no) owner are never touched.
+    pub fn gc(&self) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        let state_dir = self.paths().state_dir.clone();
+        let vms_dir = self.paths().vms_dir();
+        let records = self.with_store(|s| s.list())?;
+        let mut known = BTreeSet::new();
+        for rec in records {
+            let dir = PathBuf::from(&rec.dir);
+            known.insert(dir.clone());
+            let alive = crate::supervisor::is_running(&dir);
+            if rec.owner.is_some_and(|o| !o.alive()) {
+                report.killed_processes += crate::cleanup::kill_vm_processes(&dir);
+                self.with_store(|s| crate::cleanup::remove_vm(&state_dir, s, &rec))?;
+                report.deleted_vms.push(rec.id);
+                continue;
+            }
+            if alive {
+                continue;
+            }
+            report.killed_processes += crate::cleanup::kill_vm_processes(&dir);
+            if !dir.is_dir() {
+                self.with_store(|s| s.delete(&rec.id))?;
+                report.removed_rows.push(rec.id);
+                continue;
+            }
+            for name in SOCKETS {
+                let p = dir.join(name);
+                if std::fs::remove_file(&p).is_ok() {
+                    report.removed_files.push(p);
+                }
+            }
+            if rec.state == VmState::Running {
+                let why = "its supervisor died (found by `smolvm gc`)";
+                if self.with_store(|s| s.mark_lost(&rec.id, rec.supervisor_pid, why))? {
+                    report.marked_error.push(rec.id);
+                }
+            }
+        }
+        // Directories no VM owns: a create that crashed before recording its disk, or a
+        // delete that crashed half-way.
+        if let Ok(rd) = std::fs::read_dir(&vms_dir) {
+            for entry in rd.flatten() {
+                let dir = entry.path();
+                if known.contains(&dir) || !dir.is_dir() {
+                    continue;
+                }
+                report.killed_processes += crate::cleanup::kill_vm_processes(&dir);
+                if crate::cleanup::remove_dir(&dir).is_ok() {
+                    report.removed_dirs.push(dir);
+                }
+            }
+        }
+        // Processes that name a VM directory that no longer exists at all.
+        report.killed_processes += kill_strays(&vms_dir, &known);
+        // Half-made shared disks.
+        if let Ok(rd) = std::fs::read_dir(self.paths().disks_dir()) {
+            for entry in rd.flatten() {
+                let p = entry.path();
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.')
+                    && name.ends_with(".tmp")
+                    && std::fs::remove_file(&p).is_ok()
+                {
+                    report.removed_files.push(p);
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Kills processes whose command line points into `vms_dir` at a VM directory not in
+/// `known` (its directory is already gone, so the directory scan above missed them).
+fn kill_strays(vms_dir: &Path, known: &BTreeSet<PathBuf>) -> usize {
+    let prefix = format!("{}/", vms_dir.display());
+    let me = std::process::id();
+    let mut killed = 0;
+    for pid in crate::util::all_pids() {
+        if pid == me {
+            continue;
+        }
+        let stray = crate::util::process_cmdline(pid).iter().any(|arg| {
+            arg.find(&prefix).is_some_and(|at| {
+                let rest = &arg[at + prefix.len()..];
+                let id = rest.split(['/', ',', ' ']).next().unwrap_or("");
+                !id.is_empty() && !known.contains(&vms_dir.join(id))
+            })
+        });
+        if stray {
+            crate::util::kill_and_wait(pid, std::time::Duration::from_secs(2));
+            killed += 1;
+        }
+    }
+    killed
+}
