@@ -13,10 +13,17 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_smolvm"))
 }
 
+/// Set in child test processes to share their parent's state directory (the parent
+/// removes it).
+pub const INHERIT_STATE: &str = "SMOLVM_TEST_STATE";
+
 /// A state directory private to this test process (kept short: socket paths are limited).
 pub fn state_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os(INHERIT_STATE) {
+            return PathBuf::from(d);
+        }
         let d = PathBuf::from(format!("/tmp/smolvm-test-{}", std::process::id()));
         std::fs::create_dir_all(&d).expect("create test state dir");
         // SAFETY: registering a plain extern "C" function; it removes the shared VM (if
@@ -38,21 +45,106 @@ pub fn runtime() -> Runtime {
     Runtime::with_paths(paths).expect("open runtime")
 }
 
-/// Boots a fresh VM (1 vCPU, 256 MiB keeps TCG boots quick on small hosts).
-pub fn fresh_vm() -> Vm {
+/// A small VM config: 1 vCPU and 256 MiB keep TCG boots quick on small hosts.
+pub fn small() -> VmConfig {
+    VmConfig {
+        vcpu_count: 1,
+        mem_size_mib: 256,
+        ..Default::default()
+    }
+}
+
+/// Creates and boots a VM from `config`; on failure prints its console and cleans up.
+pub fn boot(config: VmConfig) -> Vm {
     let vm = runtime()
-        .create(VmConfig {
-            vcpu_count: 1,
-            mem_size_mib: 256,
-            ..Default::default()
-        })
+        .create(config)
         .expect("create VM (is the default image built? run scripts/setup)");
+    start(&vm);
+    vm
+}
+
+/// Starts `vm`, panicking with its console log when it fails.
+pub fn start(vm: &Vm) {
     if let Err(e) = vm.start() {
         let log = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
         let _ = vm.delete();
         panic!("VM failed to start: {e}\nconsole:\n{log}");
     }
-    vm
+}
+
+/// Boots a fresh small VM.
+pub fn fresh_vm() -> Vm {
+    boot(small())
+}
+
+/// Runs a shell line in `vm`; returns its stdout, panicking on a non-zero exit.
+pub fn sh(vm: &Vm, line: &str) -> String {
+    let out = vm
+        .exec(&smolvm::ExecOptions::shell(line))
+        .unwrap_or_else(|e| panic!("exec {line:?}: {e}"));
+    assert_eq!(
+        out.exit_code,
+        Some(0),
+        "{line:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `smolvm` CLI on this test's state directory.
+pub fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(args)
+        .env("SMOLVM_HOME", state_dir())
+        .output()
+        .expect("run smolvm")
+}
+
+/// Pids of processes whose command line mentions `dir` (a VM's supervisor and QEMU).
+pub fn processes_of(dir: &std::path::Path) -> Vec<u32> {
+    let needle = dir.display().to_string();
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains(&needle)
+        })
+        .filter(|pid| {
+            // Zombies are gone for every purpose but their parent's bookkeeping.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .collect()
+}
+
+/// Asserts that nothing of the VM `id` (directory `dir`) is left: no process, no
+/// directory (sockets, overlay), no row.
+pub fn assert_gone(id: &str, dir: &std::path::Path) {
+    let procs = processes_of(dir);
+    assert!(procs.is_empty(), "processes of {id} left: {procs:?}");
+    assert!(!dir.exists(), "directory of {id} left: {}", dir.display());
+    assert!(
+        matches!(runtime().get(id), Err(smolvm::Error::VmNotFound(_))),
+        "row of {id} left"
+    );
+}
+
+/// Waits up to `secs` for `cond`.
+pub fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 static SHARED: OnceLock<Vm> = OnceLock::new();
@@ -61,7 +153,17 @@ extern "C" fn cleanup() {
     if let Some(vm) = SHARED.get() {
         let _ = vm.delete();
     }
-    let _ = std::fs::remove_dir_all(state_dir());
+    if std::env::var_os(INHERIT_STATE).is_none() {
+        // Any VM a failed test left behind goes too: no process outlives the tests.
+        if let Ok(rt) = std::panic::catch_unwind(runtime) {
+            for v in rt.list().unwrap_or_default() {
+                if let Ok(vm) = rt.get(&v.record.id) {
+                    let _ = vm.delete();
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(state_dir());
+    }
 }
 
 /// One VM shared by every test in this binary; deleted when the test process exits

@@ -76,6 +76,15 @@ pub struct Vm {
     dir: PathBuf,
 }
 
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("id", &self.id)
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
 impl Runtime {
     /// Opens the runtime with paths from the environment (see [`Paths::from_env`]).
     pub fn open() -> Result<Runtime> {

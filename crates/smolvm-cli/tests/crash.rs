@@ -1,0 +1,218 @@
+//! Crash safety: SIGKILL of the client, the supervisor or QEMU, alone or all at once,
+//! leaves state that the supervisor or `smolvm gc` repairs, and `smolvm ls` tells the truth.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{assert_gone, cli, processes_of, runtime, wait_for};
+use smolvm::VmState;
+
+/// These tests run `gc`, which acts on every VM of the state directory: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: plain kill(2).
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+/// Starts `smolvm run -- sleep 600` (an ephemeral VM owned by that client) and waits until
+/// its VM runs; returns the client, the VM's id and directory.
+fn run_client() -> (Child, String, PathBuf) {
+    let before: Vec<String> = ids();
+    let child = Command::new(common::bin())
+        .args([
+            "run", "--cpus", "1", "--memory", "256", "--", "sleep", "600",
+        ])
+        .env("SMOLVM_HOME", common::state_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut found = None;
+    wait_for(120, "the run client's VM to be running", || {
+        found = runtime().list().unwrap().into_iter().find(|v| {
+            !before.contains(&v.record.id)
+                && v.record.state == VmState::Running
+                && v.record.owner.is_some_and(|o| o.pid == child.id())
+        });
+        found.is_some()
+    });
+    let rec = found.unwrap().record;
+    // Let the command itself start.
+    std::thread::sleep(Duration::from_millis(500));
+    (child, rec.id, PathBuf::from(rec.dir))
+}
+
+fn ids() -> Vec<String> {
+    runtime()
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.record.id)
+        .collect()
+}
+
+fn pid_of(id: &str, which: &str) -> u32 {
+    let rec = runtime().get(id).unwrap().info().unwrap();
+    match which {
+        "supervisor" => rec.supervisor_pid.unwrap(),
+        _ => rec.qemu_pid.unwrap(),
+    }
+}
+
+fn gc_clean() {
+    let out = cli(&["gc", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn killing_the_client_deletes_its_vm() {
+    let _serial = serial();
+    let (mut client, id, dir) = run_client();
+    kill9(client.id());
+    let _ = client.wait();
+    // The supervisor notices its owner is gone and deletes the VM by itself.
+    wait_for(20, "the orphaned VM to be deleted", || {
+        !dir.exists() && processes_of(&dir).is_empty()
+    });
+    gc_clean();
+    assert_gone(&id, &dir);
+}
+
+#[test]
+fn killing_qemu_or_the_supervisor_under_run_leaves_nothing() {
+    let _serial = serial();
+    for victim in ["qemu", "supervisor"] {
+        let (mut client, id, dir) = run_client();
+        kill9(pid_of(&id, victim));
+        // The client sees the VM die, reports it and deletes the VM.
+        let status = client.wait().unwrap();
+        assert_eq!(status.code(), Some(1), "{victim}");
+        gc_clean();
+        assert_gone(&id, &dir);
+    }
+}
+
+#[test]
+fn killing_everything_at_once_is_repaired_by_gc() {
+    let _serial = serial();
+    let (mut client, id, dir) = run_client();
+    let sup = pid_of(&id, "supervisor");
+    let qemu = pid_of(&id, "qemu");
+    for pid in [client.id(), sup, qemu] {
+        kill9(pid);
+    }
+    let _ = client.wait();
+    wait_for(10, "the processes to die", || processes_of(&dir).is_empty());
+    // `ls` never shows a dead VM as running.
+    let ls: serde_json::Value = serde_json::from_slice(&cli(&["ls", "--json"]).stdout).unwrap();
+    if let Some(v) = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == id.as_str())
+    {
+        assert_ne!(v["state"], "running", "{v}");
+    }
+    gc_clean();
+    assert_gone(&id, &dir);
+}
+
+#[test]
+fn a_persistent_vm_whose_supervisor_died_shows_error_and_gc_repairs_it() {
+    let _serial = serial();
+    let vm = common::fresh_vm();
+    let sup = vm.info().unwrap().supervisor_pid.unwrap();
+    kill9(sup);
+    wait_for(10, "QEMU to follow its supervisor", || {
+        processes_of(vm.dir()).is_empty()
+    });
+    let info = vm.info().unwrap();
+    assert_eq!(info.state, VmState::Error);
+    assert!(info.error.unwrap().contains("supervisor"), "reason given");
+    let out = cli(&["gc", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["removed_files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().ends_with("api.sock")),
+        "{report}"
+    );
+    assert!(
+        report["marked_error"].as_array().unwrap().is_empty(),
+        "already marked by ls: {report}"
+    );
+    for sock in ["api.sock", "agent.sock", "qmp.sock", "console.sock"] {
+        assert!(!vm.dir().join(sock).exists(), "{sock}");
+    }
+    // A persistent VM keeps its disk and row: it can boot again.
+    common::start(&vm);
+    assert_eq!(common::sh(&vm, "echo back"), "back\n");
+    let (id, dir) = (vm.id().to_string(), vm.dir().to_path_buf());
+    vm.delete().unwrap();
+    assert_gone(&id, &dir);
+}
+
+#[test]
+fn a_second_supervisor_for_a_running_vm_is_refused() {
+    let _serial = serial();
+    let vm = common::shared_vm();
+    let out = Command::new(common::bin())
+        .arg("__supervise")
+        .arg(vm.dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("another supervisor"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(vm.info().unwrap().state, VmState::Running);
+    assert_eq!(common::sh(vm, "echo still"), "still\n");
+}
+
+#[test]
+fn gc_removes_orphan_directories_and_their_processes() {
+    let _serial = serial();
+    let dir = runtime().paths().vms_dir().join("vm-orphan01");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("disk.qcow2"), b"half made").unwrap();
+    // A process that names the directory, as a stray QEMU would.
+    let mut stray = Command::new("sh")
+        .args(["-c", "sleep 600", "stray"])
+        .arg(dir.join("agent.sock"))
+        .spawn()
+        .unwrap();
+    let out = cli(&["gc", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["killed_processes"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    assert!(!dir.exists());
+    let status = stray.wait().unwrap();
+    assert!(!status.success());
+    // A second pass has nothing left to do with it.
+    let out = cli(&["gc", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["removed_dirs"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+}
