@@ -9,7 +9,8 @@ use crate::error::{AgentError, Result};
 pub const USAGE: &str = "\
 usage: smolvm-agent                         as PID 1 (/init of the guest): boot, then serve
        smolvm-agent --serve [--port DEVICE] serve on the virtio port, no init duties
-       smolvm-agent --listen-unix PATH      serve on a Unix socket (development, tests)
+       smolvm-agent --listen-unix PATH [--root DIR]
+                                            serve on a Unix socket (development, tests)
 
 options:
   --port DEVICE      serve on this character device instead of looking up the port
@@ -17,6 +18,9 @@ options:
   --apply-identity   let the host's Hello set the clock, hostname and entropy pool
                      (always on as PID 1; off by default elsewhere, to leave a
                      development host alone)
+  --root DIR         keep the persistent environment under DIR instead of /
+                     (DIR/etc/smolvm/env, DIR/etc/profile.d/smolvm_env.sh); with
+                     --listen-unix, so tests leave the machine's /etc alone
   --log LEVEL        error, warn, info (default), debug or trace; also SMOLVM_AGENT_LOG,
                      or smolvm.log= on the kernel command line as PID 1
   -h, --help         print this help
@@ -56,6 +60,8 @@ pub struct Options {
     pub apply_identity: bool,
     /// Log level override.
     pub log: Option<String>,
+    /// Directory the persistent environment lives under (`/` unless `--root`).
+    pub state_root: PathBuf,
 }
 
 /// Parses the arguments after the program name. `is_pid1` picks the default mode.
@@ -65,6 +71,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, is_pid1: bool) -> Result<
     let mut port: Option<PathBuf> = None;
     let mut apply_identity = false;
     let mut log = None;
+    let mut state_root = PathBuf::from("/");
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let arg = arg
@@ -86,6 +93,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, is_pid1: bool) -> Result<
             "--serve" => serve = true,
             "--port" => port = Some(value("--port")?),
             "--apply-identity" => apply_identity = true,
+            "--root" => state_root = value("--root")?,
             "--log" => log = Some(value("--log")?.to_string_lossy().into_owned()),
             _ if is_pid1 => {}
             other => return Err(AgentError::Usage(format!("unknown argument `{other}`"))),
@@ -111,6 +119,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, is_pid1: bool) -> Result<
         mode,
         apply_identity,
         log,
+        state_root,
     }))
 }
 
@@ -138,6 +147,21 @@ mod tests {
         };
         assert_eq!(opts.mode, Mode::ListenUnix("/x.sock".into()));
         assert!(!opts.apply_identity);
+        assert_eq!(opts.state_root, PathBuf::from("/"));
+    }
+
+    #[test]
+    fn root_moves_the_state() {
+        let Ok(Invocation::Run(opts)) =
+            run(&["--listen-unix", "/x.sock", "--root", "/tmp/r"], false)
+        else {
+            panic!("expected a run")
+        };
+        assert_eq!(opts.state_root, PathBuf::from("/tmp/r"));
+        assert!(matches!(
+            run(&["--serve", "--root"], false),
+            Err(AgentError::Usage(_))
+        ));
     }
 
     #[test]

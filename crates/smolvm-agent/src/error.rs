@@ -48,6 +48,14 @@ pub enum AgentError {
         /// How long we waited.
         waited_ms: u64,
     },
+    /// The root device does not hold an ext4 superblock we can read sizes from.
+    #[error("{device} does not hold a usable ext4 superblock: {reason}")]
+    Superblock {
+        /// The device.
+        device: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The yamux session with the host failed.
     #[error("agent session failed: {0}")]
     Session(#[from] yamux::ConnectionError),
@@ -74,6 +82,49 @@ pub enum AgentError {
     NulInEnvValue {
         /// The variable's name.
         name: String,
+    },
+    /// A name given for the persistent environment is not a portable variable name.
+    #[error(
+        "invalid environment variable name {name:?}: a name is a letter or `_` followed by \
+         letters, digits or `_`, at most {max} bytes"
+    )]
+    EnvNameNotAllowed {
+        /// The offending name (shortened when long).
+        name: String,
+        /// The longest name allowed, in bytes.
+        max: usize,
+    },
+    /// A value for the persistent environment is too long.
+    #[error(
+        "environment variable {name} has a {len}-byte value; at most {max} bytes are allowed \
+         for this name (NAME=VALUE must stay within the kernel's 128 KiB limit for one variable)"
+    )]
+    EnvValueTooLong {
+        /// The variable's name.
+        name: String,
+        /// Length of the value, in bytes.
+        len: usize,
+        /// The longest value allowed for this name, in bytes.
+        max: usize,
+    },
+    /// The persistent environment would hold too many variables.
+    #[error("the environment would hold {count} variables; at most {max} are allowed")]
+    EnvTooManyVariables {
+        /// How many it would hold.
+        count: usize,
+        /// The most allowed.
+        max: usize,
+    },
+    /// The persistent environment would be too large in total.
+    #[error(
+        "the environment would take {size} bytes (NAME=VALUE plus one byte, summed over all \
+         variables); at most {max} bytes are allowed"
+    )]
+    EnvTooLarge {
+        /// Its size.
+        size: usize,
+        /// The largest size allowed.
+        max: usize,
     },
     /// The requested working directory does not exist.
     #[error("working directory {} does not exist", .0.display())]

@@ -1,6 +1,9 @@
 //! An exec stream: runs one process, forwards stdin, stdout and stderr, enforces the output
 //! cap and the timeout, and reports how the process ended.
 //!
+//! The process gets the agent's base environment, then the persistent one (as it was when
+//! the request came), then the request's own variables.
+//!
 //! The stream is cancelled by closing it: when the host's side ends (FIN or reset), the
 //! whole process group is killed, so a host must keep its side open until `Exited`.
 
@@ -18,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::ChildStdin;
 use tokio::task::JoinHandle;
 
+use crate::env::Vars;
 use crate::error::{AgentError, Result};
 use crate::request::{kind, send, Transport};
 use crate::spawn;
@@ -33,10 +37,10 @@ const MAX_SIGNAL: i32 = 64;
 type Sender = SplitSink<Transport, Bytes>;
 type Receiver = SplitStream<Transport>;
 
-/// Serves an exec stream whose first frame was `req`.
-pub async fn run(req: ExecRequest, transport: Transport) {
+/// Serves an exec stream whose first frame was `req`; `env` is the persistent environment.
+pub async fn run(req: ExecRequest, transport: Transport, env: Arc<Vars>) {
     let (mut tx, rx) = transport.split();
-    let last = match execute(&req, &mut tx, rx).await {
+    let last = match execute(&req, &env, &mut tx, rx).await {
         Ok(status) => GuestMessage::Exited(status),
         Err(e) => GuestMessage::Error(e.to_string()),
     };
@@ -141,8 +145,13 @@ impl<R: AsyncRead + Unpin> Output<R> {
 }
 
 /// Runs the request to its end and returns how the process ended.
-async fn execute(req: &ExecRequest, tx: &mut Sender, rx: Receiver) -> Result<ExitStatus> {
-    let (mut child, pid) = spawn::spawn(req)?;
+async fn execute(
+    req: &ExecRequest,
+    env: &Vars,
+    tx: &mut Sender,
+    rx: Receiver,
+) -> Result<ExitStatus> {
+    let (mut child, pid) = spawn::spawn(req, env)?;
     let started = Instant::now();
     let Ok(pgid) = i32::try_from(pid) else {
         // Cannot happen on Linux (pids fit in 22 bits); never leave the process behind.

@@ -13,7 +13,8 @@ use crate::cli::Options;
 use crate::cmdline::BootParams;
 use crate::error::{AgentError, Result};
 use crate::server::{self, Endpoint, ServerConfig};
-use crate::{handshake, logging, modules, mounts, net, reaper};
+use crate::shutdown::OnShutdown;
+use crate::{grow, handshake, logging, modules, mounts, net, reaper};
 
 /// How long to wait for the root device to appear.
 const ROOT_WAIT: Duration = Duration::from_secs(5);
@@ -34,6 +35,8 @@ pub fn run(opts: &Options) -> ! {
     }
     let cfg = ServerConfig {
         apply_identity: opts.apply_identity,
+        state_root: opts.state_root.clone(),
+        on_shutdown: OnShutdown::PowerOff,
     };
     // SAFETY: PID 1 has a single thread here (no runtime exists yet), so the child may run
     // arbitrary code.
@@ -72,6 +75,12 @@ fn boot(params: &BootParams, start: Instant) -> Result<()> {
     step(
         start,
         format_args!("mounted {} on {}", params.root, mounts::NEW_ROOT),
+    );
+    grow::grow_root(
+        &params.root,
+        &params.root_fstype,
+        params.root_flags.as_deref(),
+        mounts::NEW_ROOT,
     );
     mounts::switch_root()?;
     mounts::mount_late()?;

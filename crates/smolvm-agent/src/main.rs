@@ -5,11 +5,17 @@
 //! `smolvm-protocol` over yamux on the virtio-serial port `org.smolvm.agent`. With
 //! `--listen-unix PATH` it serves the same protocol on a Unix socket and does nothing else,
 //! so the host side can be tested without a VM.
+//!
+//! Besides running commands it keeps the guest's persistent environment (`env.rs`), shuts the
+//! guest down cleanly on request (`shutdown.rs`) and, at boot, grows the root filesystem to
+//! fill its disk (`grow.rs`).
 
 mod cli;
 mod cmdline;
+mod env;
 mod error;
 mod exec;
+mod grow;
 mod handshake;
 mod init;
 mod logging;
@@ -21,11 +27,13 @@ mod port;
 mod reaper;
 mod request;
 mod server;
+mod shutdown;
 mod spawn;
 mod splitter;
 
 use cli::{Invocation, Mode};
 use server::{Endpoint, ServerConfig};
+use shutdown::OnShutdown;
 
 fn main() {
     let is_pid1 = std::process::id() == 1;
@@ -51,8 +59,11 @@ fn main() {
     };
     let env_log = std::env::var("SMOLVM_AGENT_LOG").ok();
     logging::init(opts.log.as_deref().or(env_log.as_deref()));
+    // Not under our PID 1 (that path never gets here): a Shutdown request ends this process.
     let cfg = ServerConfig {
         apply_identity: opts.apply_identity,
+        state_root: opts.state_root.clone(),
+        on_shutdown: OnShutdown::Exit,
     };
     std::process::exit(server::run(endpoint, cfg));
 }

@@ -1,18 +1,20 @@
 //! One yamux stream = one request. Its first frame says what kind: a handshake (`Hello`),
-//! a liveness probe (`Ping`) or a process to run (`Exec`).
+//! a liveness probe (`Ping`), a process to run (`Exec`), a change to the persistent
+//! environment (`Env`, answered with the whole environment) or a clean shutdown (`Shutdown`,
+//! answered with `Ok`; see [`crate::shutdown`]).
 
 use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{Sink, SinkExt, StreamExt};
-use smolvm_protocol::{codec, decode, encode, GuestMessage, HostMessage};
+use smolvm_protocol::{codec, decode, encode, EnvUpdate, GuestMessage, HostMessage};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
 use crate::error::{AgentError, Result};
-use crate::server::ServerConfig;
-use crate::{exec, handshake};
+use crate::server::{Context, ServerConfig};
+use crate::{exec, handshake, shutdown};
 
 /// A yamux stream carrying length-prefixed frames.
 pub type Transport = Framed<Compat<yamux::Stream>, LengthDelimitedCodec>;
@@ -45,11 +47,13 @@ pub fn kind(msg: &HostMessage) -> &'static str {
         HostMessage::StdinEof => "StdinEof",
         HostMessage::Signal(_) => "Signal",
         HostMessage::Ping(_) => "Ping",
+        HostMessage::Env(_) => "Env",
+        HostMessage::Shutdown => "Shutdown",
     }
 }
 
 /// Serves one stream.
-pub async fn handle(stream: yamux::Stream, cfg: Arc<ServerConfig>) {
+pub async fn handle(stream: yamux::Stream, ctx: Arc<Context>) {
     let mut transport = Framed::new(stream.compat(), codec());
     let first = match transport.next().await {
         None => return,
@@ -57,13 +61,16 @@ pub async fn handle(stream: yamux::Stream, cfg: Arc<ServerConfig>) {
         Some(Ok(frame)) => frame,
     };
     match decode::<HostMessage>(&first) {
-        Ok(HostMessage::Exec(req)) => exec::run(req, transport).await,
+        Ok(HostMessage::Exec(req)) => exec::run(req, transport, ctx.env.snapshot()).await,
+        Ok(HostMessage::Env(update)) => env(transport, &update, &ctx).await,
+        Ok(HostMessage::Shutdown) => shutdown::handle(transport, ctx).await,
         Ok(msg @ (HostMessage::Hello(_) | HostMessage::Ping(_))) => {
-            control(transport, msg, &cfg).await
+            control(transport, msg, &ctx.cfg).await
         }
         Ok(other) => {
             let why = format!(
-                "unexpected first message {}: a stream starts with Hello, Ping or Exec",
+                "unexpected first message {}: a stream starts with Hello, Ping, Exec, Env or \
+                 Shutdown",
                 kind(&other)
             );
             refuse(transport, why).await
@@ -76,6 +83,26 @@ pub async fn handle(stream: yamux::Stream, cfg: Arc<ServerConfig>) {
 async fn refuse(mut transport: Transport, why: String) {
     tracing::debug!("refusing a stream: {why}");
     let _ = send(&mut transport, &GuestMessage::Error(why)).await;
+    close(&mut transport).await;
+}
+
+/// An environment stream: applies the update, answers with the whole environment (or why
+/// nothing changed) and closes.
+async fn env(mut transport: Transport, update: &EnvUpdate, ctx: &Context) {
+    tracing::debug!(
+        clear = update.clear,
+        unset = update.unset.len(),
+        set = update.set.len(),
+        "environment update"
+    );
+    let reply = match ctx.env.update(update).await {
+        Ok(vars) => GuestMessage::Env(vars),
+        Err(e) => {
+            tracing::warn!("environment update refused: {e}");
+            GuestMessage::Error(e.to_string())
+        }
+    };
+    let _ = send(&mut transport, &reply).await;
     close(&mut transport).await;
 }
 

@@ -1,21 +1,81 @@
 //! The agent server: where the protocol is served (the virtio port in a guest, a Unix socket
-//! in development), one yamux session at a time.
+//! in development), one yamux session at a time, and the state its requests share (the
+//! persistent environment, whether a shutdown was asked for).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixListener;
+use tokio::sync::watch;
 
+use crate::env::EnvStore;
 use crate::error::{AgentError, Result};
+use crate::shutdown::{self, OnShutdown};
 use crate::splitter::Splitter;
 use crate::{handshake, mux, port, request};
 
-/// Settings shared by every request of the server.
-#[derive(Debug, Clone, Default)]
+/// Settings of the server.
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Whether `Hello` may set the clock, hostname and entropy pool.
     pub apply_identity: bool,
+    /// Directory the persistent environment's files live under (`/` in a guest).
+    pub state_root: PathBuf,
+    /// What to do once a `Shutdown` request was answered.
+    pub on_shutdown: OnShutdown,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            apply_identity: false,
+            state_root: PathBuf::from("/"),
+            on_shutdown: OnShutdown::Exit,
+        }
+    }
+}
+
+/// What every request of the server can reach: its settings and shared state.
+#[derive(Debug)]
+pub struct Context {
+    /// The settings.
+    pub cfg: ServerConfig,
+    /// The persistent environment, merged into every exec.
+    pub env: EnvStore,
+    /// Set once a `Shutdown` request was answered.
+    shutdown: watch::Sender<bool>,
+}
+
+impl Context {
+    /// The server's state, with the persistent environment read from `cfg.state_root`.
+    pub fn new(cfg: ServerConfig) -> Self {
+        let env = EnvStore::load(&cfg.state_root);
+        Self {
+            cfg,
+            env,
+            shutdown: watch::Sender::new(false),
+        }
+    }
+
+    /// Ends the current session (after flushing what its streams queued) and then the
+    /// server, which does what [`ServerConfig::on_shutdown`] says.
+    pub fn request_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Whether a shutdown was asked for.
+    pub fn shutdown_requested(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Resolves once a shutdown is asked for.
+    async fn shutdown_asked(&self) {
+        let mut rx = self.shutdown.subscribe();
+        if rx.wait_for(|&asked| asked).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Where to serve.
@@ -33,7 +93,8 @@ const SESSION_BACKOFF: Duration = Duration::from_millis(50);
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Runs the server on a single-threaded runtime until it fails; returns the exit code.
+/// Runs the server on a single-threaded runtime until it fails or a `Shutdown` request ends
+/// it; returns the exit code (after a shutdown as PID 1's server, it does not return).
 pub fn run(endpoint: Endpoint, cfg: ServerConfig) -> i32 {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -45,15 +106,16 @@ pub fn run(endpoint: Endpoint, cfg: ServerConfig) -> i32 {
             return 1;
         }
     };
-    let cfg = Arc::new(cfg);
+    let ctx = Arc::new(Context::new(cfg));
+    let on_shutdown = ctx.cfg.on_shutdown;
     let result = runtime.block_on(async move {
         match endpoint {
-            Endpoint::Port(device) => serve_port(device, cfg).await,
-            Endpoint::Unix(path) => serve_unix(&path, cfg).await,
+            Endpoint::Port(device) => serve_port(device, ctx).await,
+            Endpoint::Unix(path) => serve_unix(&path, ctx).await,
         }
     });
     match result {
-        Ok(()) => 0,
+        Ok(()) => shutdown::finish(on_shutdown),
         Err(e) => {
             tracing::error!("{e}");
             1
@@ -62,12 +124,14 @@ pub fn run(endpoint: Endpoint, cfg: ServerConfig) -> i32 {
 }
 
 /// Serves one session on `io` and logs how it ended.
-async fn serve_session<T>(io: T, cfg: &Arc<ServerConfig>)
+async fn serve_session<T>(io: T, ctx: &Arc<Context>)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let result = mux::serve(io, |stream| request::handle(stream, Arc::clone(cfg))).await;
+    let stop = ctx.shutdown_asked();
+    let result = mux::serve(io, stop, |stream| request::handle(stream, Arc::clone(ctx))).await;
     match result {
+        Ok(()) if ctx.shutdown_requested() => tracing::info!("session closed for shutdown"),
         Ok(()) => tracing::debug!("host closed the session"),
         Err(e) => tracing::warn!("{}", AgentError::from(e)),
     }
@@ -75,7 +139,9 @@ where
 
 /// Serves on the virtio port. When the host side closes (its supervisor went away, or it
 /// disconnects before a snapshot), the session ends and a fresh one starts once it reopens.
-async fn serve_port(device: Option<PathBuf>, cfg: Arc<ServerConfig>) -> Result<()> {
+///
+/// Returns `Ok` after a session ended by a `Shutdown` request.
+async fn serve_port(device: Option<PathBuf>, ctx: Arc<Context>) -> Result<()> {
     let device = match device {
         Some(device) => device,
         None => port::find_agent_port(port::PORT_WAIT).await?,
@@ -86,17 +152,13 @@ async fn serve_port(device: Option<PathBuf>, cfg: Arc<ServerConfig>) -> Result<(
         device.display(),
         handshake::boot_ms()
     );
-    serve_byte_stream(port.io(), || port.wait_host_connected(), &cfg).await
+    serve_byte_stream(port.io(), || port.wait_host_connected(), &ctx).await
 }
 
 /// Serves consecutive host sessions over one byte stream that outlives them (the port):
 /// `host_ready` waits until a host is there; the [`Splitter`] tells sessions apart when the
 /// host reconnects without the guest noticing.
-async fn serve_byte_stream<T, W, Fut>(
-    io: T,
-    mut host_ready: W,
-    cfg: &Arc<ServerConfig>,
-) -> Result<()>
+async fn serve_byte_stream<T, W, Fut>(io: T, mut host_ready: W, ctx: &Arc<Context>) -> Result<()>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     W: FnMut() -> Fut,
@@ -108,7 +170,10 @@ where
         tracing::debug!("host connected");
         splitter.next_session();
         let started = Instant::now();
-        serve_session(splitter.session(), cfg).await;
+        serve_session(splitter.session(), ctx).await;
+        if ctx.shutdown_requested() {
+            return Ok(());
+        }
         // A session that fails at once (e.g. the host reconnecting in a loop) must not
         // turn this into a busy loop.
         if !splitter.was_cut() && started.elapsed() < SESSION_BACKOFF {
@@ -117,8 +182,9 @@ where
     }
 }
 
-/// Serves on a Unix socket, one connection (one session) at a time.
-async fn serve_unix(path: &Path, cfg: Arc<ServerConfig>) -> Result<()> {
+/// Serves on a Unix socket, one connection (one session) at a time. Returns `Ok` (and
+/// removes the socket) after a session ended by a `Shutdown` request.
+async fn serve_unix(path: &Path, ctx: Arc<Context>) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = std::fs::remove_file(path);
@@ -128,7 +194,13 @@ async fn serve_unix(path: &Path, cfg: Arc<ServerConfig>) -> Result<()> {
     tracing::info!("listening on {}", path.display());
     loop {
         match listener.accept().await {
-            Ok((conn, _)) => serve_session(conn, &cfg).await,
+            Ok((conn, _)) => {
+                serve_session(conn, &ctx).await;
+                if ctx.shutdown_requested() {
+                    let _ = std::fs::remove_file(path);
+                    return Ok(());
+                }
+            }
             Err(e) => {
                 tracing::warn!("accept on {} failed: {e}", path.display());
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -180,9 +252,13 @@ mod tests {
     #[tokio::test]
     async fn a_host_reconnecting_unnoticed_gets_a_fresh_session() {
         let (mut host, guest) = tokio::io::duplex(1 << 20);
-        let cfg = Arc::new(ServerConfig::default());
+        let state = tempfile::tempdir().unwrap();
+        let ctx = Arc::new(Context::new(ServerConfig {
+            state_root: state.path().to_owned(),
+            ..ServerConfig::default()
+        }));
         let server =
-            tokio::spawn(async move { serve_byte_stream(guest, || async { Ok(()) }, &cfg).await });
+            tokio::spawn(async move { serve_byte_stream(guest, || async { Ok(()) }, &ctx).await });
         for _ in 0..3 {
             let reply =
                 tokio::time::timeout(Duration::from_secs(10), handshake_and_vanish(&mut host))

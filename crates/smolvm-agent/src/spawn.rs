@@ -8,9 +8,11 @@ use std::process::Stdio;
 use smolvm_protocol::{Command, ExecRequest};
 use tokio::process::Child;
 
+use crate::env::Vars;
 use crate::error::{os_reason, AgentError, Result};
 
-/// The environment every command starts from; the request's variables go on top.
+/// The environment every command starts from; the persistent environment goes on top of it,
+/// and the request's own variables on top of both.
 pub const BASE_ENV: [(&str, &str); 6] = [
     (
         "PATH",
@@ -75,8 +77,9 @@ fn working_dir(cwd: Option<&str>) -> Result<PathBuf> {
 
 /// Starts the process in a session and process group of its own (so its pid is also its
 /// process-group id and the whole group can be signalled). stdout and stderr are pipes;
-/// stdin is a pipe when the host will send it, `/dev/null` otherwise.
-pub fn spawn(req: &ExecRequest) -> Result<(Child, u32)> {
+/// stdin is a pipe when the host will send it, `/dev/null` otherwise. Its environment is
+/// [`BASE_ENV`], overridden by `persistent`, overridden by the request's `env`.
+pub fn spawn(req: &ExecRequest, persistent: &Vars) -> Result<(Child, u32)> {
     let argv = argv(&req.command)?;
     check_env(&req.env)?;
     let cwd = working_dir(req.cwd.as_deref())?;
@@ -84,6 +87,7 @@ pub fn spawn(req: &ExecRequest) -> Result<(Child, u32)> {
     cmd.args(&argv[1..])
         .env_clear()
         .envs(BASE_ENV)
+        .envs(persistent)
         .envs(req.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&cwd)
         .stdin(if req.stdin {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::SinkExt;
 use serde_bytes::ByteBuf;
-use smolvm_protocol::{encode, GuestMessage, HostMessage, MAX_CHUNK, PROTOCOL_VERSION};
+use smolvm_protocol::{encode, EnvUpdate, GuestMessage, HostMessage, MAX_CHUNK, PROTOCOL_VERSION};
 use support::*;
 
 #[tokio::test]
@@ -391,4 +391,262 @@ async fn commands_get_default_signal_dispositions() {
         .await;
     assert_eq!(out.stderr, b"", "no 'Broken pipe' complaint from yes");
     assert_eq!(out.stdout_str(), "ok\n");
+}
+
+// --- persistent environment (protocol generation 2) ---
+
+const ENV_FILE: &str = "etc/smolvm/env";
+const PROFILE_FILE: &str = "etc/profile.d/smolvm_env.sh";
+
+/// Values that break naive quoting or parsing.
+const NASTY: [(&str, &str); 9] = [
+    ("QUOTES", "it's \"quoted\" '' '\\'' end'"),
+    ("NEWLINES", "line one\nline two\n\n"),
+    ("DOLLARS", "$HOME ${PATH} $(echo no) `echo no` $$"),
+    ("BACKSLASH", "\\n \\ \\\\ \\'"),
+    ("UNICODE", "ünïcödé ✓ 日本語 \u{1F980}"),
+    ("SHELLY", "; rm -rf / & | > < * ? [a] ~ # ! {a,b}"),
+    ("EMPTY", ""),
+    ("DASH", "-n"),
+    ("EQUALS", "a=b=c"),
+];
+
+#[tokio::test]
+async fn env_set_read_unset_clear_round_trip() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    assert_eq!(client.env_now().await, []);
+    assert_eq!(
+        client
+            .env(env_set(&[("B", "2"), ("A", "1"), ("C", "3")]))
+            .await,
+        GuestMessage::Env(pairs(&[("A", "1"), ("B", "2"), ("C", "3")])),
+        "the whole environment, sorted by name"
+    );
+    assert_eq!(
+        client.env_now().await,
+        pairs(&[("A", "1"), ("B", "2"), ("C", "3")])
+    );
+    let update = EnvUpdate {
+        clear: false,
+        unset: vec!["A".into(), "NEVER_SET".into()],
+        set: pairs(&[("B", "two"), ("D", "4")]),
+    };
+    assert_eq!(
+        client.env(update).await,
+        GuestMessage::Env(pairs(&[("B", "two"), ("C", "3"), ("D", "4")]))
+    );
+    // clear, then unset, then set.
+    let update = EnvUpdate {
+        clear: true,
+        unset: vec!["E".into()],
+        set: pairs(&[("E", "5")]),
+    };
+    assert_eq!(
+        client.env(update).await,
+        GuestMessage::Env(pairs(&[("E", "5")]))
+    );
+    assert!(agent.root.join(ENV_FILE).is_file());
+    let clear = EnvUpdate {
+        clear: true,
+        ..EnvUpdate::default()
+    };
+    assert_eq!(client.env(clear).await, GuestMessage::Env(vec![]));
+    assert!(!agent.root.join(ENV_FILE).exists(), "empty: files removed");
+    assert!(!agent.root.join(PROFILE_FILE).exists());
+}
+
+#[tokio::test]
+async fn execs_see_the_persistent_environment_under_their_own() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut update = env_set(&[("FOO", "persistent"), ("BAR", "kept"), ("LANG", "C")]);
+    update.set.extend(pairs(&NASTY));
+    assert!(matches!(client.env(update).await, GuestMessage::Env(_)));
+
+    let mut req = shell("printf '%s|%s|%s|%s' \"$FOO\" \"$BAR\" \"$LANG\" \"$HOME\"");
+    req.env = pairs(&[("FOO", "request wins")]);
+    let out = client.exec(req).await;
+    assert_eq!(out.exit().code, Some(0));
+    assert_eq!(
+        out.stdout_str(),
+        "request wins|kept|C|/root",
+        "base < persistent < request"
+    );
+    for (name, value) in NASTY {
+        let out = client.exec(shell(&format!("printf %s \"${name}\""))).await;
+        assert_eq!(out.stdout_str(), value, "{name}");
+    }
+    // A later change is seen by later commands.
+    let unset = EnvUpdate {
+        unset: vec!["FOO".into()],
+        ..EnvUpdate::default()
+    };
+    assert!(matches!(client.env(unset).await, GuestMessage::Env(_)));
+    let out = client.exec(shell("printf %s \"${FOO-unset}\"")).await;
+    assert_eq!(out.stdout_str(), "unset");
+}
+
+#[tokio::test]
+async fn bad_names_and_values_are_refused_and_change_nothing() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let before = env_set(&[("KEEP", "me")]);
+    assert!(matches!(client.env(before).await, GuestMessage::Env(_)));
+    let env_file = std::fs::read(agent.root.join(ENV_FILE)).unwrap();
+    let profile = std::fs::read(agent.root.join(PROFILE_FILE)).unwrap();
+    let long_name = "N".repeat(257);
+    let huge = "v".repeat(128 * 1024);
+    let bad_updates: Vec<(EnvUpdate, &str)> = vec![
+        (env_set(&[("OK", "1"), ("1BAD", "x")]), "\"1BAD\""),
+        (env_set(&[("A-B", "x")]), "\"A-B\""),
+        (env_set(&[("A=B", "x")]), "\"A=B\""),
+        (env_set(&[("", "x")]), "\"\""),
+        (env_set(&[("SP ACE", "x")]), "\"SP ACE\""),
+        (env_set(&[("ÄÖ", "x")]), "\"ÄÖ\""),
+        (env_set(&[(&long_name, "x")]), "at most 256 bytes"),
+        (env_set(&[("NUL", "a\0b")]), "NUL"),
+        (env_set(&[("HUGE", &huge)]), "HUGE"),
+        (
+            EnvUpdate {
+                clear: true,
+                unset: vec!["$(reboot)".into()],
+                set: vec![],
+            },
+            "\"$(reboot)\"",
+        ),
+    ];
+    for (update, named) in bad_updates {
+        let reply = client.env(update.clone()).await;
+        let GuestMessage::Error(msg) = reply else {
+            panic!("{update:?} accepted: {reply:?}")
+        };
+        assert!(msg.contains(named), "{msg:?} should name {named}");
+        assert!(msg.len() < 400, "short message: {msg}");
+    }
+    assert_eq!(client.env_now().await, pairs(&[("KEEP", "me")]));
+    assert_eq!(std::fs::read(agent.root.join(ENV_FILE)).unwrap(), env_file);
+    assert_eq!(
+        std::fs::read(agent.root.join(PROFILE_FILE)).unwrap(),
+        profile
+    );
+    let out = client.exec(shell("printf %s \"${OK-unset}\"")).await;
+    assert_eq!(out.stdout_str(), "unset");
+}
+
+#[tokio::test]
+async fn concurrent_env_updates_all_land() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let names: Vec<String> = (0..24).map(|i| format!("V{i:02}")).collect();
+    let updates = names.iter().map(|n| client.env(env_set(&[(n, n)])));
+    for reply in futures::future::join_all(updates).await {
+        assert!(matches!(reply, GuestMessage::Env(_)), "{reply:?}");
+    }
+    let now = client.env_now().await;
+    assert_eq!(
+        now,
+        names
+            .iter()
+            .map(|n| (n.clone(), n.clone()))
+            .collect::<Vec<_>>()
+    );
+    let restarted = {
+        drop(client);
+        drop(agent.child);
+        Agent::start_in(Some(&agent.root)).await
+    };
+    assert_eq!(restarted.connect().await.env_now().await, now);
+}
+
+#[tokio::test]
+async fn the_environment_survives_an_agent_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let mut update = env_set(&[("SURVIVES", "yes")]);
+    update.set.extend(pairs(&NASTY));
+    let expected = {
+        let agent = Agent::start_in(Some(root.path())).await;
+        let GuestMessage::Env(vars) = agent.connect().await.env(update).await else {
+            panic!("expected the environment")
+        };
+        vars
+    }; // killed here
+    let agent = Agent::start_in(Some(root.path())).await;
+    let client = agent.connect().await;
+    assert_eq!(client.env_now().await, expected);
+    let out = client.exec(shell("printf %s \"$SURVIVES\"")).await;
+    assert_eq!(out.stdout_str(), "yes");
+    let out = client.exec(shell("printf %s \"$NEWLINES\"")).await;
+    assert_eq!(out.stdout_str(), "line one\nline two\n\n");
+}
+
+#[tokio::test]
+async fn the_profile_file_reproduces_the_values_under_sh() {
+    use std::os::unix::fs::PermissionsExt;
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let long = "'\"$`\\\n".repeat(10_000);
+    let mut update = env_set(&[("LONG", &long)]);
+    update.set.extend(pairs(&NASTY));
+    assert!(matches!(
+        client.env(update.clone()).await,
+        GuestMessage::Env(_)
+    ));
+    let file = agent.root.join(PROFILE_FILE);
+    for path in [&file, &agent.root.join(ENV_FILE)] {
+        let mode = std::fs::metadata(path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+    }
+    for (name, value) in &update.set {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!(". \"$1\"; printf %s \"${name}\""))
+            .arg("sh")
+            .arg(&file)
+            .env_clear()
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(out.stderr, b"");
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), *value, "{name}");
+    }
+}
+
+// --- shutdown ---
+
+#[tokio::test]
+async fn shutdown_answers_ok_and_the_server_exits() {
+    let mut agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut running = client.open().await;
+    running
+        .send(&HostMessage::Exec(argv(&["sleep", "600"])))
+        .await;
+    let Some(GuestMessage::Started { pid }) = running.recv().await else {
+        panic!("expected Started");
+    };
+    let mut r = client.open().await;
+    r.send(&HostMessage::Shutdown).await;
+    assert_eq!(r.recv().await, Some(GuestMessage::Ok));
+    assert_eq!(r.recv().await, None, "the stream ends after Ok");
+    let status = agent.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(!agent.socket.exists(), "the socket is removed");
+    wait_group_gone(pid, Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn shutdown_is_refused_after_the_first_frame() {
+    let agent = Agent::start().await;
+    let client = agent.connect().await;
+    let mut r = client.open().await;
+    r.send(&HostMessage::Ping(1)).await;
+    assert_eq!(r.recv().await, Some(GuestMessage::Pong(1)));
+    r.send(&HostMessage::Shutdown).await;
+    let Some(GuestMessage::Error(e)) = r.recv().await else {
+        panic!("expected an error");
+    };
+    assert!(e.contains("Shutdown"), "{e}");
+    // Still serving.
+    assert!(matches!(client.handshake().await, GuestMessage::Hello(_)));
 }

@@ -2,7 +2,11 @@
 //! `SMOLVM_AGENT_GUEST_SOCKET` names the host end of the guest's agent port (a QEMU
 //! `-chardev socket,...,server=on` path), e.g. when debugging an image by hand. With
 //! `SMOLVM_AGENT_GUEST_END=poweroff` it then sends SIGPWR to PID 1 (clean power-off), with
+//! `=shutdown` it sends a `Shutdown` request (the same, asked through the protocol), with
 //! `=crash` it kills the server (PID 1 then reboots, which ends QEMU under `-no-reboot`).
+//!
+//! It also counts its runs in the persistent environment (`GUEST_TEST_RUNS`), so booting the
+//! same disk again shows that the environment survived the reboot.
 //!
 //! One test only, so that `SMOLVM_AGENT_GUEST_END` acts after the checks: QEMU serves one
 //! connection at a time.
@@ -98,9 +102,49 @@ async fn guest_boots_hands_over_identity_and_runs_commands() {
         "no process (not even a zombie) left in the group"
     );
 
+    // The persistent environment: kept on the root disk, seen by commands and login shells.
+    let GuestMessage::Env(before) = client.env(Default::default()).await else {
+        panic!("expected the environment")
+    };
+    eprintln!("persistent environment at start: {before:?}");
+    let runs: u64 = before
+        .iter()
+        .find(|(k, _)| k == "GUEST_TEST_RUNS")
+        .map_or(0, |(_, v)| v.parse().expect("a count"));
+    let runs = (runs + 1).to_string();
+    let reply = client
+        .env(env_set(&[
+            ("GUEST_TEST_RUNS", &runs),
+            ("GUEST_QUOTE", "it's $HOME"),
+        ]))
+        .await;
+    assert!(matches!(reply, GuestMessage::Env(_)), "{reply:?}");
+    let out = client
+        .exec(shell(
+            "printf '%s|%s\\n' \"$GUEST_TEST_RUNS\" \"$GUEST_QUOTE\"; \
+             env -i /bin/sh -lc 'printf \"%s|%s\\n\" \"$GUEST_TEST_RUNS\" \"$GUEST_QUOTE\"'; \
+             stat -c %a /etc/smolvm/env /etc/profile.d/smolvm_env.sh; df -k / | tail -1",
+        ))
+        .await;
+    eprintln!("{}", out.stdout_str());
+    let text = out.stdout_str();
+    let mut lines = text.lines();
+    let expected = format!("{runs}|it's $HOME");
+    assert_eq!(lines.next(), Some(expected.as_str()), "exec sees it");
+    assert_eq!(lines.next(), Some(expected.as_str()), "login shell sees it");
+    assert_eq!(lines.next(), Some("600"));
+    assert_eq!(lines.next(), Some("600"));
+
     let Ok(how) = std::env::var("SMOLVM_AGENT_GUEST_END") else {
         return;
     };
+    if how == "shutdown" {
+        let mut r = client.open().await;
+        r.send(&HostMessage::Shutdown).await;
+        assert_eq!(r.recv().await, Some(GuestMessage::Ok));
+        assert_eq!(r.recv().await, None, "the stream ends after Ok");
+        return;
+    }
     let line = match how.as_str() {
         "poweroff" => "kill -PWR 1; sleep 600",
         "crash" => "kill -KILL $PPID; sleep 600",

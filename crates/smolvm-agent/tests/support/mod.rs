@@ -14,8 +14,8 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use serde_bytes::ByteBuf;
 use smolvm_protocol::{
-    codec, decode, encode, Command, ExecRequest, ExitStatus, GuestMessage, Hello, HostMessage,
-    PROTOCOL_VERSION,
+    codec, decode, encode, Command, EnvUpdate, ExecRequest, ExitStatus, GuestMessage, Hello,
+    HostMessage, PROTOCOL_VERSION,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
@@ -29,17 +29,35 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 /// A running agent (killed when dropped).
 pub struct Agent {
     pub socket: PathBuf,
-    _child: tokio::process::Child,
+    /// Its `--root`: where it keeps the persistent environment.
+    pub root: PathBuf,
+    pub child: tokio::process::Child,
     _dir: tempfile::TempDir,
 }
 
 impl Agent {
+    /// An agent with a fresh state root of its own.
     pub async fn start() -> Self {
+        Self::start_in(None).await
+    }
+
+    /// An agent keeping its state under `root` (`None`: a fresh directory of its own).
+    pub async fn start_in(root: Option<&std::path::Path>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
+        let root = match root {
+            Some(root) => root.to_owned(),
+            None => {
+                let root = dir.path().join("root");
+                std::fs::create_dir(&root).expect("state root");
+                root
+            }
+        };
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_smolvm-agent"))
             .arg("--listen-unix")
             .arg(&socket)
+            .arg("--root")
+            .arg(&root)
             .arg("--log")
             .arg("warn")
             .kill_on_drop(true)
@@ -53,9 +71,18 @@ impl Agent {
         }
         Self {
             socket,
-            _child: child,
+            root,
+            child,
             _dir: dir,
         }
+    }
+
+    /// Waits for the agent process to exit on its own.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the agent exits in time")
+            .expect("wait for the agent")
     }
 
     pub async fn connect(&self) -> Client {
@@ -126,6 +153,23 @@ impl Client {
         let mut r = self.open().await;
         r.send(&HostMessage::Exec(req)).await;
         r.collect().await
+    }
+
+    /// Sends an environment update on a stream of its own; returns the one answer.
+    pub async fn env(&self, update: EnvUpdate) -> GuestMessage {
+        let mut r = self.open().await;
+        r.send(&HostMessage::Env(update)).await;
+        let reply = r.recv().await.expect("env reply");
+        assert_eq!(r.recv().await, None, "the stream ends after the answer");
+        reply
+    }
+
+    /// The persistent environment (an empty update).
+    pub async fn env_now(&self) -> Vec<(String, String)> {
+        match self.env(EnvUpdate::default()).await {
+            GuestMessage::Env(vars) => vars,
+            other => panic!("expected the environment, got {other:?}"),
+        }
     }
 
     pub async fn handshake(&self) -> GuestMessage {
@@ -244,6 +288,25 @@ pub fn shell(line: &str) -> ExecRequest {
         timeout_ms: None,
         max_output_bytes: 16 << 20,
     }
+}
+
+/// An update that sets these variables.
+pub fn env_set(pairs: &[(&str, &str)]) -> EnvUpdate {
+    EnvUpdate {
+        set: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..EnvUpdate::default()
+    }
+}
+
+/// Owned name-value pairs.
+pub fn pairs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 pub fn argv(args: &[&str]) -> ExecRequest {
