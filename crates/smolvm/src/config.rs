@@ -28,8 +28,12 @@ pub const DEFAULT_IMAGE: &str = "default";
 pub const MAX_DISK_MIB: u64 = 1 << 20;
 /// Longest environment variable name.
 pub const MAX_ENV_NAME: usize = 256;
-/// Largest environment variable value, in bytes.
-pub const MAX_ENV_VALUE: usize = 128 * 1024;
+/// Largest `NAME=VALUE` entry (with its terminating NUL), in bytes: the kernel's limit on
+/// one environment string.
+pub const MAX_ENV_ENTRY: usize = 128 * 1024;
+/// Largest persistent environment in all (names, values and 2 bytes each), in bytes; it
+/// must fit in one protocol frame and leave room for arguments in `execve`.
+pub const MAX_ENV_TOTAL: usize = 768 * 1024;
 /// Most persistent environment variables a VM may have.
 pub const MAX_ENV_VARS: usize = 1024;
 
@@ -310,25 +314,31 @@ pub fn validate_env_name(name: &str) -> Result<()> {
     }
 }
 
-/// Checks a set of environment variables (names, values without NUL, sizes, count).
+/// Checks a set of environment variables (names, values without NUL, sizes, count) with
+/// the limits the guest agent applies, so a bad set fails before any round trip.
 pub fn validate_env<'a>(vars: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<()> {
-    let mut n = 0;
+    let (mut n, mut total) = (0, 0);
     for (name, value) in vars {
         validate_env_name(name)?;
-        if value.contains('\0') || value.len() > MAX_ENV_VALUE {
+        let entry = name.len() + value.len() + 2;
+        if value.contains('\0') || entry > MAX_ENV_ENTRY {
             return Err(Error::InvalidConfig {
                 field: "env_vars",
                 value: format!("{name}=<{} bytes>", value.len()),
-                allowed: format!("values without NUL bytes, at most {MAX_ENV_VALUE} bytes"),
+                allowed: format!(
+                    "values without NUL bytes; NAME=VALUE at most {} bytes",
+                    MAX_ENV_ENTRY - 1
+                ),
             });
         }
         n += 1;
+        total += entry;
     }
-    if n > MAX_ENV_VARS {
+    if n > MAX_ENV_VARS || total > MAX_ENV_TOTAL {
         return Err(Error::InvalidConfig {
             field: "env_vars",
-            value: format!("{n} variables"),
-            allowed: format!("at most {MAX_ENV_VARS}"),
+            value: format!("{n} variables, {total} bytes"),
+            allowed: format!("at most {MAX_ENV_VARS} variables and {MAX_ENV_TOTAL} bytes in all"),
         });
     }
     Ok(())

@@ -625,11 +625,16 @@ impl Vm {
         };
         if crate::supervisor::is_running(&self.dir) && self.client().stop(grace).is_ok() {
             // The supervisor has recorded the stop; wait for it to let go of the VM.
+            // ... and to exit, so that when this returns no process of the VM is left.
             let deadline = Instant::now() + Duration::from_secs(5);
-            while crate::supervisor::is_running(&self.dir) && Instant::now() < deadline {
+            let gone = || {
+                !crate::supervisor::is_running(&self.dir)
+                    && !rec.supervisor_pid.is_some_and(crate::util::pid_alive)
+            };
+            while !gone() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(2));
             }
-            if !crate::supervisor::is_running(&self.dir) {
+            if gone() {
                 return Ok(());
             }
         }

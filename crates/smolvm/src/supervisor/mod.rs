@@ -79,6 +79,17 @@ pub fn main(vm_dir: &Path) -> i32 {
             return 1;
         }
     };
+    // One supervisor per VM: hold an exclusive lock for the whole life of this process
+    // (released only after the runtime is gone, so "not running" means "exiting at most").
+    let _lock = match take_lock(vm_dir, &spec.id) {
+        Ok(l) => l,
+        Err(e) => {
+            emit(&StartupEvent::Failed {
+                reason: e.to_string(),
+            });
+            return 1;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -91,16 +102,15 @@ pub fn main(vm_dir: &Path) -> i32 {
             return 1;
         }
     };
-    match rt.block_on(run(vm_dir, &spec)) {
+    let result = rt.block_on(run(vm_dir, &spec));
+    drop(rt);
+    match result {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %e, "supervisor failed");
-            // Record the failure ourselves: the client that started us may be gone. A
-            // second supervisor refused by the lock leaves the running VM's state alone.
-            if !matches!(e, Error::BadState { .. }) {
-                if let Ok(store) = Store::open(&spec.db_path) {
-                    let _ = store.set_state(&spec.id, VmState::Error, Some(&e.to_string()));
-                }
+            // Record the failure ourselves: the client that started us may be gone.
+            if let Ok(store) = Store::open(&spec.db_path) {
+                let _ = store.set_state(&spec.id, VmState::Error, Some(&e.to_string()));
             }
             emit(&StartupEvent::Failed {
                 reason: e.to_string(),
@@ -210,8 +220,6 @@ fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
 }
 
 async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
-    // One supervisor per VM: hold an exclusive lock for our whole life.
-    let _lock = take_lock(vm_dir, &spec.id)?;
     // One running VM per writable disk (unless its image is marked shareable).
     let _disk_lock = if spec.lock_disk {
         Some(crate::disk::lock(&spec.disk)?)
@@ -308,6 +316,7 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
         qemu_pid,
         spec.accelerator.as_str(),
     )?;
+    tracing::info!(id = %spec.id, "recorded as running");
     emit(&StartupEvent::Ready {
         hello: hello.clone(),
     });
