@@ -133,7 +133,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..runs.max(1) {
         let t0 = Instant::now();
-        let vm = rt.create(cfg.clone())?;
+        let vm = rt.create_ephemeral(cfg.clone())?;
         let created = t0.elapsed();
         let st = match vm.start() {
             Ok(st) => st,
@@ -172,7 +172,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     // Warm exec round trips on one running VM.
     let mut rtt = Vec::new();
     if exec_runs > 0 {
-        let vm = rt.create(cfg.clone())?;
+        let vm = rt.create_ephemeral(cfg.clone())?;
         let res = (|| {
             vm.start()?;
             let opts = ExecOptions::argv(["true"]);

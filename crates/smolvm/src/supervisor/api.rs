@@ -7,10 +7,15 @@ use smolvm_protocol::{
     decode, encode, ApiReply, ApiRequest, ExecRequest, GuestMessage, HostMessage, VmStatus,
 };
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
 
 use super::agent_link::{self, AgentLink};
+
+/// A stop request: the grace period in ms, and where the main loop says it is done. It
+/// hands over a sender on which the handler confirms it has replied, so the supervisor exits
+/// only after the client has its answer.
+pub type StopRequest = (u64, oneshot::Sender<oneshot::Sender<()>>);
 
 /// What request handlers share.
 pub struct Shared {
@@ -18,8 +23,8 @@ pub struct Shared {
     pub link: AgentLink,
     /// The status reported to clients.
     pub status: VmStatus,
-    /// Asks the main loop to stop the VM; the sender gets told when it is done.
-    pub stop_tx: mpsc::Sender<(u64, tokio::sync::oneshot::Sender<()>)>,
+    /// Asks the main loop to stop the VM.
+    pub stop_tx: mpsc::Sender<StopRequest>,
 }
 
 type ClientFramed = Framed<UnixStream, tokio_util::codec::LengthDelimitedCodec>;
@@ -57,11 +62,16 @@ pub async fn handle(stream: UnixStream, shared: Arc<Shared>) {
             let _ = reply(&mut client, &ApiReply::Status(shared.status.clone())).await;
         }
         ApiRequest::Stop { graceful_ms } => {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            if shared.stop_tx.send((graceful_ms, tx)).await.is_ok() {
-                let _ = rx.await;
-            }
+            let (tx, rx) = oneshot::channel();
+            let replied = if shared.stop_tx.send((graceful_ms, tx)).await.is_ok() {
+                rx.await.ok()
+            } else {
+                None
+            };
             let _ = reply(&mut client, &ApiReply::Ok).await;
+            if let Some(replied) = replied {
+                let _ = replied.send(());
+            }
         }
         ApiRequest::Exec(req) => relay_exec(client, &shared.link, req).await,
         ApiRequest::Env(update) => {

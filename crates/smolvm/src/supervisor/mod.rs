@@ -387,9 +387,11 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
         End::State(state, reason, done) => {
             let _ = store.set_state(&spec.id, state, reason.as_deref());
             if let Some(done) = done {
-                let _ = done.send(());
-                // Let the stop requester read its reply before we exit.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Exit only once the stop requester has its reply (or after a short wait).
+                let (replied_tx, replied_rx) = tokio::sync::oneshot::channel();
+                if done.send(replied_tx).is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), replied_rx).await;
+                }
             }
         }
         End::Gone => {}
@@ -412,7 +414,7 @@ enum End {
     State(
         VmState,
         Option<String>,
-        Option<tokio::sync::oneshot::Sender<()>>,
+        Option<tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<()>>>,
     ),
     /// The VM's row was deleted: nothing to record.
     Gone,
