@@ -287,10 +287,8 @@ pub fn ls(json: bool) -> Result<()> {
             r.config.vcpu_count.to_string(),
             format!("{} MiB", r.config.mem_size_mib),
             uptime,
-            r.ip.unwrap_or_else(|| match r.config.network {
-                smolvm::NetworkMode::None => "-".into(),
-                smolvm::NetworkMode::User => "10.0.2.15 (user)".into(),
-            }),
+            // Set once the runtime assigns guest addresses (nat mode); `-` until then.
+            r.ip.unwrap_or_else(|| "-".into()),
             r.accelerator.unwrap_or_else(|| "-".into()),
             r.error.unwrap_or_default(),
         ]);
