@@ -300,3 +300,31 @@ fn bad_configs_name_the_field_and_create_nothing() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("disk_mode"));
 }
+
+#[test]
+fn two_starts_of_one_vm_at_once_boot_it_once() {
+    let vm = runtime().create(small()).unwrap();
+    let starts: Vec<_> = (0..2)
+        .map(|_| {
+            let vm = vm.clone();
+            std::thread::spawn(move || vm.start())
+        })
+        .collect();
+    let results: Vec<_> = starts.into_iter().map(|h| h.join().unwrap()).collect();
+    let booted = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|t| !t.already_running))
+        .count();
+    assert_eq!(booted, 1, "{results:?}");
+    for r in &results {
+        if let Err(e) = r {
+            assert!(e.to_string().contains("starting"), "{e}");
+        }
+    }
+    // One supervisor and one QEMU.
+    assert_eq!(common::processes_of(vm.dir()).len(), 2);
+    assert_eq!(sh(&vm, "echo once"), "once\n");
+    let (id, dir) = (vm.id().to_string(), vm.dir().to_path_buf());
+    vm.delete().unwrap();
+    assert_gone(&id, &dir);
+}

@@ -365,13 +365,17 @@ impl Vm {
     pub fn start(&self) -> Result<StartTimings> {
         let t0 = Instant::now();
         let rec = self.info()?;
-        if crate::supervisor::is_running(&self.dir) {
-            let status = self.client().status()?;
-            let guest = status.guest.ok_or_else(|| Error::BadState {
+        // Take the VM's lock now and hand it to the supervisor, so it is held without a gap
+        // from here to the supervisor's exit: two starts cannot race, and `gc` never
+        // mistakes a VM being started for an orphan.
+        let Some(lock) = crate::supervisor::try_lock(&self.dir)? else {
+            let starting = || Error::BadState {
                 id: self.id.clone(),
                 state: "starting".into(),
                 hint: "another process is starting it; wait for it to finish".into(),
-            })?;
+            };
+            let status = self.client().status().map_err(|_| starting())?;
+            let guest = status.guest.ok_or_else(starting)?;
             return Ok(StartTimings {
                 create_start: Duration::ZERO,
                 ready: Duration::ZERO,
@@ -383,7 +387,7 @@ impl Vm {
                 guest,
                 already_running: true,
             });
-        }
+        };
         let boot = self.rt.boot_files(&rec.config)?;
         let disk_path = PathBuf::from(&rec.disk_path);
         if !disk_path.is_file() {
@@ -434,22 +438,31 @@ impl Vm {
             .open(self.dir.join(files::SUPERVISOR_LOG))
             .map_err(io_err("opening supervisor.log"))?;
         let mut cmd = Command::new(&bin);
+        let lock_fd = std::os::fd::AsRawFd::as_raw_fd(&lock);
         cmd.arg("__supervise")
             .arg(&self.dir)
+            .env(crate::supervisor::LOCK_FD_ENV, lock_fd.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);
-        // SAFETY: setsid is async-signal-safe. The supervisor gets its own session so a
-        // Ctrl-C in the caller's terminal does not reach it.
+        // SAFETY: setsid and fcntl are async-signal-safe. The supervisor gets its own
+        // session so a Ctrl-C in the caller's terminal does not reach it, and inherits the
+        // held lock (close-on-exec is cleared in the child's own descriptor table only, so
+        // children spawned by other threads never see it).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::setsid();
+                if libc::fcntl(lock_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(io_err(format!("starting the supervisor {}", bin.display())))?;
+        let spawned = cmd.spawn();
+        // Our descriptor closes; the lock stays with the supervisor's copy.
+        drop(lock);
+        let mut child =
+            spawned.map_err(io_err(format!("starting the supervisor {}", bin.display())))?;
         let sup_pid = child.id();
         let stdout = child.stdout.take();
         // Reap the supervisor whenever it ends, so no zombie outlives it.

@@ -81,7 +81,8 @@ pub fn main(vm_dir: &Path) -> i32 {
     };
     // One supervisor per VM: hold an exclusive lock for the whole life of this process
     // (released only after the runtime is gone, so "not running" means "exiting at most").
-    let _lock = match take_lock(vm_dir, &spec.id) {
+    // `Vm::start` takes it before spawning us and hands it over.
+    let _lock = match inherited_lock(vm_dir).map_or_else(|| take_lock(vm_dir, &spec.id), Ok) {
         Ok(l) => l,
         Err(e) => {
             emit(&StartupEvent::Failed {
@@ -140,29 +141,68 @@ pub fn is_running(vm_dir: &Path) -> bool {
     nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_err()
 }
 
+/// Environment variable naming the descriptor of the VM's lock, already held, that the
+/// starting client hands to the supervisor.
+pub const LOCK_FD_ENV: &str = "SMOLVM_SUPERVISOR_LOCK_FD";
+
+/// Opens the VM's lock file and takes its lock without waiting. `None` when a supervisor
+/// (or a start in progress) holds it. The lock is a plain `flock` on the returned file:
+/// closing every descriptor of it releases the lock; nothing unlocks it explicitly.
+pub(crate) fn try_lock(vm_dir: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let lock_path = vm_dir.join(files::LOCK);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(format!("opening {}", lock_path.display())))?;
+    // SAFETY: flock(2) on a descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    Ok((rc == 0).then_some(f))
+}
+
+/// The lock handed over by the client that spawned us, if it is really this VM's lock.
+fn inherited_lock(vm_dir: &Path) -> Option<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let fd: i32 = std::env::var(LOCK_FD_ENV).ok()?.parse().ok()?;
+    std::env::remove_var(LOCK_FD_ENV);
+    if fd < 3 {
+        return None;
+    }
+    // SAFETY: F_GETFD only checks that the descriptor is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor is open and nothing else in this process owns it.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    // Keep it from QEMU and anything else we spawn.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    let ours = std::fs::metadata(vm_dir.join(files::LOCK)).ok()?;
+    let given = f.metadata().ok()?;
+    (ours.ino() == given.ino() && ours.dev() == given.dev()).then_some(f)
+}
+
 /// Takes the VM's supervisor lock. A probe by [`is_running`] holds it for an instant, so
 /// retry briefly before concluding another supervisor has it.
-fn take_lock(vm_dir: &Path, id: &str) -> Result<nix::fcntl::Flock<std::fs::File>> {
-    let lock_path = vm_dir.join(files::LOCK);
+fn take_lock(vm_dir: &Path, id: &str) -> Result<std::fs::File> {
     let deadline = Instant::now() + Duration::from_millis(300);
     loop {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_err(format!("opening {}", lock_path.display())))?;
-        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(l) => return Ok(l),
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(_) => {
-                return Err(Error::BadState {
-                    id: id.to_string(),
-                    state: "running".into(),
-                    hint: "another supervisor already runs this VM".into(),
-                })
-            }
+        if let Some(f) = try_lock(vm_dir)? {
+            return Ok(f);
         }
+        if Instant::now() >= deadline {
+            return Err(Error::BadState {
+                id: id.to_string(),
+                state: "running".into(),
+                hint: "another supervisor already runs this VM".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
