@@ -64,7 +64,7 @@ fn stop_and_start_keep_the_disk_and_the_environment() {
     assert!(!text.contains("sk-never-in-the-db-4711"));
     assert!(!text.contains("rm -rf"));
 
-    sh(&vm, "echo kept > /root/data.txt");
+    sh(&vm, "echo kept > $HOME/data.txt");
     vm.stop(true).unwrap();
     assert_eq!(vm.info().unwrap().state, VmState::Stopped);
     vm.stop(true).unwrap(); // stopping a stopped VM is fine
@@ -74,7 +74,7 @@ fn stop_and_start_keep_the_disk_and_the_environment() {
     }
 
     start(&vm);
-    assert_eq!(sh(&vm, "cat /root/data.txt"), "kept\n");
+    assert_eq!(sh(&vm, "cat $HOME/data.txt"), "kept\n");
     assert_eq!(
         sh(
             &vm,
@@ -97,9 +97,9 @@ fn isolated_vms_do_not_see_each_others_writes_and_disks_can_be_bigger() {
         disk_size_mib: Some(1536),
         ..small()
     });
-    sh(&a, "echo from-a > /root/mine");
+    sh(&a, "echo from-a > $HOME/mine");
     assert_eq!(
-        sh(&b, "cat /root/mine 2>/dev/null || echo absent"),
+        sh(&b, "cat $HOME/mine 2>/dev/null || echo absent"),
         "absent\n"
     );
     // The guest sees the disk size asked for, and its root filesystem fills it.
@@ -131,7 +131,7 @@ fn a_retained_disk_boots_again_with_its_data() {
         retain_disk_on_delete: true,
         ..small()
     });
-    sh(&vm, "echo survived > /root/keep.txt");
+    sh(&vm, "echo survived > $HOME/keep.txt");
     let (id, dir) = (vm.id().to_string(), vm.dir().to_path_buf());
     let disk = vm.delete().unwrap().expect("disk retained");
     assert_gone(&id, &dir);
@@ -141,7 +141,7 @@ fn a_retained_disk_boots_again_with_its_data() {
         disk_path: Some(disk.clone()),
         ..small()
     });
-    assert_eq!(sh(&again, "cat /root/keep.txt"), "survived\n");
+    assert_eq!(sh(&again, "cat $HOME/keep.txt"), "survived\n");
     // A disk booted in place belongs to the user: deleting this VM keeps it.
     assert_eq!(again.delete().unwrap(), None);
     assert!(disk.is_file());
@@ -156,7 +156,7 @@ fn a_shared_disk_runs_one_vm_at_a_time_and_keeps_its_writes() {
         ..small()
     };
     let a = boot(shared.clone());
-    sh(&a, "echo shared-data > /root/shared.txt");
+    sh(&a, "echo shared-data > $HOME/shared.txt");
     let b = runtime().create(shared.clone()).unwrap();
     assert_eq!(a.info().unwrap().disk_path, b.info().unwrap().disk_path);
     let err = b.start().unwrap_err().to_string();
@@ -168,7 +168,7 @@ fn a_shared_disk_runs_one_vm_at_a_time_and_keeps_its_writes() {
     );
     a.stop(true).unwrap();
     start(&b);
-    assert_eq!(sh(&b, "cat /root/shared.txt"), "shared-data\n");
+    assert_eq!(sh(&b, "cat $HOME/shared.txt"), "shared-data\n");
     let disk = std::path::PathBuf::from(b.info().unwrap().disk_path);
     for vm in [a, b] {
         vm.delete().unwrap();
