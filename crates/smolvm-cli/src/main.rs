@@ -5,6 +5,7 @@
 
 mod agent_bin;
 mod bench;
+mod cmd_cp;
 mod cmd_image;
 mod cmd_vm;
 mod doctor;
@@ -152,6 +153,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Copy a file into or out of a running VM: `smolvm cp ./a ID:/tmp/a`,
+    /// `smolvm cp ID:/tmp/out ./out` (permissions kept; a path ending in / means "into").
+    Cp {
+        /// Source: a host path or ID:/guest/path.
+        src: String,
+        /// Destination: a host path or ID:/guest/path.
+        dst: String,
+        /// Refuse downloads larger than this many bytes (default 4 GiB).
+        #[arg(long)]
+        max_size: Option<u64>,
+    },
     /// Print a VM's guest console log.
     Logs {
         /// VM id.
@@ -234,6 +246,7 @@ fn main() -> ExitCode {
         Cmd::Stop { id, force } => cmd_vm::stop(&id, force).map(|_| 0),
         Cmd::Rm { ids, force } => cmd_vm::rm(&ids, force).map(|_| 0),
         Cmd::Ls { json } => cmd_vm::ls(json).map(|_| 0),
+        Cmd::Cp { src, dst, max_size } => cmd_cp::run(&src, &dst, max_size).map(|_| 0),
         Cmd::Logs { id } => cmd_vm::logs(&id).map(|_| 0),
         Cmd::Inspect { id } => cmd_vm::inspect(&id).map(|_| 0),
         Cmd::Env {

@@ -1,8 +1,10 @@
-//! Blocking client for a VM's API socket (used by the CLI, the Rust API and, later, Python).
+//! Blocking client for a VM's API socket (used by the CLI, the Rust API and Python).
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use smolvm_protocol::{
@@ -19,6 +21,62 @@ pub enum OutputStream {
     Stdout,
     /// Standard error.
     Stderr,
+}
+
+/// Cancels a running command from another thread (Ctrl-C in an SDK, a dropped stream).
+/// Cancelling closes the command's connection; the supervisor then kills the process and
+/// its group in the guest, so nothing is left running.
+#[derive(Clone, Default)]
+pub struct CancelToken {
+    inner: Arc<CancelInner>,
+}
+
+#[derive(Default)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    conn: Mutex<Option<UnixStream>>,
+}
+
+impl std::fmt::Debug for CancelToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CancelToken")
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+impl CancelToken {
+    /// A token not yet cancelled.
+    pub fn new() -> CancelToken {
+        CancelToken::default()
+    }
+
+    /// Cancels the command using this token (now, or as soon as it starts).
+    pub fn cancel(&self) {
+        self.inner.cancelled.store(true, Ordering::SeqCst);
+        if let Some(s) = self.conn().as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Whether [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Option<UnixStream>> {
+        self.inner
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Ties the token to a command's connection; false when it is already cancelled.
+    fn attach(&self, s: &UnixStream) -> bool {
+        let mut conn = self.conn();
+        *conn = s.try_clone().ok();
+        !self.is_cancelled()
+    }
 }
 
 /// Talks to one VM's supervisor.
@@ -115,9 +173,13 @@ impl ApiClient {
         req: ExecRequest,
         stdin: Option<Box<dyn Read + Send>>,
         deadline: Option<Duration>,
+        cancel: Option<&CancelToken>,
         sink: &mut dyn FnMut(OutputStream, &[u8]),
     ) -> Result<ExitStatus> {
         let mut s = self.connect()?;
+        if cancel.is_some_and(|c| !c.attach(&s)) {
+            return Err(Error::Cancelled);
+        }
         s.set_read_timeout(deadline).ok();
         write_frame(&mut s, &ApiRequest::Exec(req)).map_err(|e| self.gone(e.to_string()))?;
         let writer = match stdin {
@@ -180,6 +242,10 @@ impl ApiClient {
             }
         };
         let _ = s.shutdown(std::net::Shutdown::Both);
+        let result = match (result, cancel) {
+            (Err(_), Some(c)) if c.is_cancelled() => Err(Error::Cancelled),
+            (r, _) => r,
+        };
         // The stdin feeder may be blocked reading a terminal; it ends on its own once its
         // next write fails, so it is not joined.
         drop(writer);

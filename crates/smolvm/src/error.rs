@@ -114,6 +114,17 @@ pub enum Error {
     /// A disk could not be made, found or used.
     #[error("disk: {0}")]
     Disk(String),
+    /// The caller cancelled the command; it was killed in the guest.
+    #[error("the command was cancelled; it was killed in the guest with its process group")]
+    Cancelled,
+    /// A file could not be copied into or out of the guest.
+    #[error("guest file {path}: {reason}")]
+    GuestFile {
+        /// The path in the guest.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The QEMU monitor (QMP) failed.
     #[error("QEMU monitor error: {0}")]
     Qmp(String),

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use smolvm_protocol::{Command, ExecRequest};
 
+use crate::client::CancelToken;
 use crate::error::{Error, Result};
 
 /// Default cap on captured output, per stream (16 MiB).
@@ -24,6 +25,8 @@ pub struct ExecOptions {
     pub timeout: Option<Duration>,
     /// Cap on captured bytes per stream.
     pub max_output_bytes: u64,
+    /// Lets another thread cancel the command (it is then killed in the guest).
+    pub cancel: Option<CancelToken>,
 }
 
 impl ExecOptions {
@@ -49,7 +52,20 @@ impl ExecOptions {
             stdin: None,
             timeout: None,
             max_output_bytes: DEFAULT_MAX_OUTPUT,
+            cancel: None,
         }
+    }
+
+    /// Lets `token` cancel the command from another thread.
+    pub fn cancel_with(mut self, token: CancelToken) -> Self {
+        self.cancel = Some(token);
+        self
+    }
+
+    /// Sets the cap on captured bytes per stream.
+    pub fn max_output(mut self, bytes: u64) -> Self {
+        self.max_output_bytes = bytes;
+        self
     }
 
     /// Sets the timeout.

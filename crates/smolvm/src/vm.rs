@@ -603,18 +603,30 @@ impl Vm {
         opts: &ExecOptions,
         sink: &mut dyn FnMut(OutputStream, &[u8]),
     ) -> Result<ExecOutput> {
-        opts.validate()?;
-        self.require_running()?;
-        let t0 = Instant::now();
         let stdin: Option<Box<dyn std::io::Read + Send>> = opts
             .stdin
             .clone()
             .map(|d| Box::new(std::io::Cursor::new(d)) as Box<dyn std::io::Read + Send>);
+        self.exec_io(opts, stdin, sink)
+    }
+
+    /// Runs a command whose stdin is streamed from `stdin` (instead of `opts.stdin`).
+    pub(crate) fn exec_io(
+        &self,
+        opts: &ExecOptions,
+        stdin: Option<Box<dyn std::io::Read + Send>>,
+        sink: &mut dyn FnMut(OutputStream, &[u8]),
+    ) -> Result<ExecOutput> {
+        opts.validate()?;
+        self.require_running()?;
+        let t0 = Instant::now();
         // The agent enforces the timeout; allow generous slack before giving up on it.
         let deadline = opts.timeout.map(|t| t + Duration::from_secs(30));
+        let mut req = opts.to_request();
+        req.stdin = stdin.is_some();
         let st = self
             .client()
-            .exec(opts.to_request(), stdin, deadline, sink)?;
+            .exec(req, stdin, deadline, opts.cancel.as_ref(), sink)?;
         Ok(ExecOutput {
             exit_code: st.code,
             signal: st.signal,
