@@ -570,11 +570,22 @@ impl Vm {
     /// Runs a command and collects its output (each stream capped at
     /// `opts.max_output_bytes`; the result says when it was cut).
     pub fn exec(&self, opts: &ExecOptions) -> Result<ExecOutput> {
+        self.exec_tee(opts, &mut |_, _| {})
+    }
+
+    /// Like [`Vm::exec`], and also hands each output chunk to `sink` as it arrives (for
+    /// callers that show output live and still want the result).
+    pub fn exec_tee(
+        &self,
+        opts: &ExecOptions,
+        sink: &mut dyn FnMut(OutputStream, &[u8]),
+    ) -> Result<ExecOutput> {
         let cap = opts.max_output_bytes as usize;
         let mut out = ExecOutput::default();
         let (mut so, mut se) = (Vec::new(), Vec::new());
         let (mut so_cut, mut se_cut) = (false, false);
         let res = self.exec_streaming(opts, &mut |stream, data| {
+            sink(stream, data);
             let (buf, cut) = match stream {
                 OutputStream::Stdout => (&mut so, &mut so_cut),
                 OutputStream::Stderr => (&mut se, &mut se_cut),

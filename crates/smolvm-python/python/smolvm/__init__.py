@@ -1,0 +1,60 @@
+"""smolvm: run untrusted code in hardware-isolated microVMs.
+
+>>> from smolvm import SmolVM
+>>> with SmolVM() as vm:
+...     print(vm.run("echo hi").output)
+hi
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+from . import _native
+from .exceptions import (
+    CommandExecutionUnavailableError,
+    FileTransferError,
+    HostError,
+    ImageError,
+    NetworkError,
+    OperationTimeoutError,
+    SmolVMError,
+    ValidationError,
+    VMAlreadyExistsError,
+    VMNotFoundError,
+    VMStartError,
+)
+from .types import CommandResult, OutputChunk, VMConfig, VMState
+from .vm import CommandStream, SmolVM
+from .facade import VM
+from .build import SSH_BOOT_ARGS, ImageBuilder
+
+__version__ = _native.version()
+
+# The package carries the `smolvm` binary that hosts each VM's supervisor process.
+_bundled = _os.path.join(_os.path.dirname(__file__), "_bin", "smolvm")
+if _os.path.isfile(_bundled):
+    _native.set_supervisor_binary(_bundled)
+
+__all__ = [
+    "SmolVM",
+    "VM",
+    "VMConfig",
+    "VMState",
+    "CommandResult",
+    "CommandStream",
+    "OutputChunk",
+    "ImageBuilder",
+    "SSH_BOOT_ARGS",
+    "SmolVMError",
+    "ValidationError",
+    "VMNotFoundError",
+    "VMAlreadyExistsError",
+    "VMStartError",
+    "ImageError",
+    "NetworkError",
+    "HostError",
+    "OperationTimeoutError",
+    "CommandExecutionUnavailableError",
+    "FileTransferError",
+]

@@ -1,0 +1,170 @@
+//! `VMConfig` fields (a Python dict) to and from the runtime's `VmConfig`. Types are checked
+//! here; every range and rule is the runtime's own `VmConfig::validate`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyInt, PyString};
+use smolvm::{Error, VmConfig};
+
+use crate::errors::to_py;
+
+/// The fields a `VMConfig` accepts, in the order they are shown.
+pub const FIELDS: &[&str] = &[
+    "vm_id",
+    "vcpu_count",
+    "mem_size_mib",
+    "image",
+    "kernel_path",
+    "initrd_path",
+    "rootfs_path",
+    "boot_args",
+    "disk_mode",
+    "disk_size_mib",
+    "disk_path",
+    "retain_disk_on_delete",
+    "env_vars",
+    "network",
+];
+
+fn bad(py: Python<'_>, field: &'static str, v: &Bound<'_, PyAny>, allowed: &str) -> PyErr {
+    let value = v
+        .repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| "?".into());
+    to_py(
+        py,
+        Error::InvalidConfig {
+            field,
+            value: value.chars().take(200).collect(),
+            allowed: allowed.into(),
+        },
+    )
+}
+
+fn string(py: Python<'_>, field: &'static str, v: &Bound<'_, PyAny>) -> PyResult<String> {
+    if !v.is_instance_of::<PyString>() {
+        return Err(bad(py, field, v, "a string"));
+    }
+    v.extract::<String>()
+        .map_err(|_| bad(py, field, v, "a valid UTF-8 string"))
+}
+
+fn int<T: for<'a> FromPyObject<'a>>(
+    py: Python<'_>,
+    field: &'static str,
+    v: &Bound<'_, PyAny>,
+) -> PyResult<T> {
+    if v.is_instance_of::<PyBool>() || !v.is_instance_of::<PyInt>() {
+        return Err(bad(py, field, v, "an integer"));
+    }
+    v.extract::<T>()
+        .map_err(|_| bad(py, field, v, "an integer in range"))
+}
+
+fn path(py: Python<'_>, field: &'static str, v: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
+    let os = py.import("os")?;
+    let s = os
+        .call_method1("fspath", (v,))
+        .map_err(|_| bad(py, field, v, "a path (str or os.PathLike)"))?;
+    s.extract::<PathBuf>()
+        .map_err(|_| bad(py, field, v, "a text path"))
+}
+
+/// Builds and validates a runtime config from `fields`; unknown names are refused.
+pub fn from_dict(py: Python<'_>, fields: &Bound<'_, PyDict>) -> PyResult<VmConfig> {
+    let mut c = VmConfig::default();
+    for (k, v) in fields.iter() {
+        let key: String = k.extract()?;
+        let Some(field) = FIELDS.iter().copied().find(|f| *f == key) else {
+            return Err(to_py(
+                py,
+                Error::InvalidConfig {
+                    field: "config",
+                    value: key,
+                    allowed: format!("one of the fields: {}", FIELDS.join(", ")),
+                },
+            ));
+        };
+        if v.is_none() {
+            // None means "the default" for every field.
+            continue;
+        }
+        match field {
+            "vm_id" => c.vm_id = Some(string(py, field, &v)?),
+            "vcpu_count" => c.vcpu_count = int(py, field, &v)?,
+            "mem_size_mib" => c.mem_size_mib = int(py, field, &v)?,
+            "image" => c.image = string(py, field, &v)?,
+            "kernel_path" => c.kernel_path = Some(path(py, field, &v)?),
+            "initrd_path" => c.initrd_path = Some(path(py, field, &v)?),
+            "rootfs_path" => c.rootfs_path = Some(path(py, field, &v)?),
+            "disk_path" => c.disk_path = Some(path(py, field, &v)?),
+            "boot_args" => c.boot_args = Some(string(py, field, &v)?),
+            "disk_mode" => {
+                c.disk_mode = string(py, field, &v)?.parse().map_err(|e| to_py(py, e))?
+            }
+            "network" => c.network = string(py, field, &v)?.parse().map_err(|e| to_py(py, e))?,
+            "disk_size_mib" => c.disk_size_mib = Some(int(py, field, &v)?),
+            "retain_disk_on_delete" => {
+                if !v.is_instance_of::<PyBool>() {
+                    return Err(bad(py, field, &v, "True or False"));
+                }
+                c.retain_disk_on_delete = v.extract()?;
+            }
+            "env_vars" => {
+                let d = v
+                    .downcast::<PyDict>()
+                    .map_err(|_| bad(py, field, &v, "a dict of str to str"))?;
+                let mut vars = BTreeMap::new();
+                for (name, value) in d.iter() {
+                    let name = string(py, "env_vars", &name)?;
+                    if value.is_none() {
+                        return Err(bad(
+                            py,
+                            "env_vars",
+                            &value,
+                            &format!("a string value for {name:?} (None is not a value)"),
+                        ));
+                    }
+                    vars.insert(name, string(py, "env_vars", &value)?);
+                }
+                c.env_vars = vars;
+            }
+            _ => {}
+        }
+    }
+    c.validate().map_err(|e| to_py(py, e))?;
+    Ok(c)
+}
+
+/// The config as a dict of every field (defaults filled in; paths as strings).
+pub fn to_dict<'py>(py: Python<'py>, c: &VmConfig) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let p = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    d.set_item("vm_id", &c.vm_id)?;
+    d.set_item("vcpu_count", c.vcpu_count)?;
+    d.set_item("mem_size_mib", c.mem_size_mib)?;
+    d.set_item("image", &c.image)?;
+    d.set_item("kernel_path", p(&c.kernel_path))?;
+    d.set_item("initrd_path", p(&c.initrd_path))?;
+    d.set_item("rootfs_path", p(&c.rootfs_path))?;
+    d.set_item("boot_args", &c.boot_args)?;
+    d.set_item("disk_mode", c.disk_mode.to_string())?;
+    d.set_item("disk_size_mib", c.disk_size_mib)?;
+    d.set_item("disk_path", p(&c.disk_path))?;
+    d.set_item("retain_disk_on_delete", c.retain_disk_on_delete)?;
+    d.set_item("env_vars", c.env_vars.clone())?;
+    d.set_item("network", c.network.to_string())?;
+    Ok(d)
+}
+
+/// Validates `fields` and returns them complete, as the runtime will use them.
+#[pyfunction]
+pub fn validate_config<'py>(
+    py: Python<'py>,
+    fields: &Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let c = from_dict(py, fields)?;
+    to_dict(py, &c)
+}

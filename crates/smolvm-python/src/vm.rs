@@ -1,0 +1,237 @@
+//! `smolvm._native.Vm`: one VM of the runtime, seen from Python. Every blocking call
+//! releases the GIL; the object may be shared between threads.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+use smolvm::{Runtime, Vm as RtVm};
+
+use crate::config;
+use crate::errors::{to_py, MapPy};
+use crate::exec::{self, ExecStream};
+
+/// The process's runtime, opened on first use (paths come from the environment then).
+static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
+
+/// The process's runtime.
+pub fn runtime(py: Python<'_>) -> PyResult<Runtime> {
+    let mut rt = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = rt.as_ref() {
+        return Ok(r.clone());
+    }
+    let opened = py.allow_threads(Runtime::open).map_py(py)?;
+    *rt = Some(opened.clone());
+    Ok(opened)
+}
+
+/// A VM handle.
+#[pyclass(module = "smolvm._native", frozen)]
+pub struct Vm {
+    vm: RtVm,
+}
+
+#[pymethods]
+impl Vm {
+    /// Records a new VM from config fields (validated by the runtime). `owned`: the VM
+    /// belongs to this process and is deleted if the process dies before `detach()`.
+    #[staticmethod]
+    fn create(py: Python<'_>, fields: &Bound<'_, PyDict>, owned: bool) -> PyResult<Vm> {
+        let cfg = config::from_dict(py, fields)?;
+        let rt = runtime(py)?;
+        let vm = py
+            .allow_threads(move || {
+                if owned {
+                    rt.create_ephemeral(cfg)
+                } else {
+                    rt.create(cfg)
+                }
+            })
+            .map_py(py)?;
+        Ok(Vm { vm })
+    }
+
+    /// A handle on an existing VM.
+    #[staticmethod]
+    fn open(py: Python<'_>, vm_id: String) -> PyResult<Vm> {
+        let rt = runtime(py)?;
+        let vm = py.allow_threads(move || rt.get(&vm_id)).map_py(py)?;
+        Ok(Vm { vm })
+    }
+
+    /// The VM's id.
+    #[getter]
+    fn id(&self) -> String {
+        self.vm.id().to_string()
+    }
+
+    /// Boots the VM (no-op when running); returns the phase timings.
+    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let t = py.allow_threads(|| self.vm.start()).map_py(py)?;
+        let d = PyDict::new(py);
+        d.set_item("create_start", t.create_start.as_secs_f64())?;
+        d.set_item("ready", t.ready.as_secs_f64())?;
+        d.set_item("accelerator", t.accelerator.to_string())?;
+        d.set_item("already_running", t.already_running)?;
+        d.set_item("kernel_release", t.guest.kernel_release)?;
+        d.set_item("guest_boot_ms", t.guest.boot_ms)?;
+        Ok(d)
+    }
+
+    /// Stops the VM (a clean guest shutdown first unless `graceful` is false).
+    #[pyo3(signature = (graceful=true))]
+    fn stop(&self, py: Python<'_>, graceful: bool) -> PyResult<()> {
+        py.allow_threads(|| self.vm.stop(graceful)).map_py(py)
+    }
+
+    /// Deletes the VM; returns where a retained disk went.
+    fn delete(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        let kept = py.allow_threads(|| self.vm.delete()).map_py(py)?;
+        Ok(kept.map(|p| p.display().to_string()))
+    }
+
+    /// Unties the VM from this process: it outlives it.
+    fn detach(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.vm.set_owner(None)).map_py(py)
+    }
+
+    /// The VM's record: state (reconciled), error, ip, accelerator, config, times.
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = py.allow_threads(|| self.vm.info()).map_py(py)?;
+        let d = PyDict::new(py);
+        d.set_item("vm_id", &r.id)?;
+        d.set_item("state", r.state.as_str())?;
+        d.set_item("error", &r.error)?;
+        d.set_item("ip", &r.ip)?;
+        d.set_item("accelerator", &r.accelerator)?;
+        d.set_item("dir", &r.dir)?;
+        d.set_item("disk_path", &r.disk_path)?;
+        d.set_item("created_at", r.created_at)?;
+        d.set_item("started_at", r.started_at)?;
+        d.set_item("stopped_at", r.stopped_at)?;
+        d.set_item("owned", r.owner.is_some())?;
+        d.set_item("config", config::to_dict(py, &r.config)?)?;
+        Ok(d)
+    }
+
+    /// Runs a command to its end; returns exit_code, stdout, stderr, truncated, duration.
+    #[pyo3(signature = (command, timeout=None, env=None, cwd=None, stdin=None, on_stdout=None, on_stderr=None, max_output_bytes=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        command: &Bound<'py, PyAny>,
+        timeout: Option<f64>,
+        env: Option<BTreeMap<String, String>>,
+        cwd: Option<String>,
+        stdin: Option<Vec<u8>>,
+        on_stdout: Option<PyObject>,
+        on_stderr: Option<PyObject>,
+        max_output_bytes: Option<u64>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let req = exec::request(py, command, timeout, env, cwd, stdin, max_output_bytes)?;
+        exec::run(py, &self.vm, req, on_stdout, on_stderr)
+    }
+
+    /// Starts a command whose output is read chunk by chunk.
+    #[pyo3(signature = (command, timeout=None, env=None, cwd=None, stdin=None))]
+    fn stream(
+        &self,
+        py: Python<'_>,
+        command: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+        env: Option<BTreeMap<String, String>>,
+        cwd: Option<String>,
+        stdin: Option<Vec<u8>>,
+    ) -> PyResult<ExecStream> {
+        let req = exec::request(py, command, timeout, env, cwd, stdin, None)?;
+        ExecStream::start(&self.vm, req)
+    }
+
+    /// Sets persistent environment variables (merged with the present ones unless
+    /// `merge` is false); returns the whole set.
+    #[pyo3(signature = (vars, merge=true))]
+    fn set_env_vars(
+        &self,
+        py: Python<'_>,
+        vars: BTreeMap<String, String>,
+        merge: bool,
+    ) -> PyResult<BTreeMap<String, String>> {
+        py.allow_threads(|| self.vm.set_env_vars(&vars, merge))
+            .map_py(py)
+    }
+
+    /// Removes persistent environment variables; returns the rest.
+    fn unset_env_vars(
+        &self,
+        py: Python<'_>,
+        names: Vec<String>,
+    ) -> PyResult<BTreeMap<String, String>> {
+        py.allow_threads(|| self.vm.unset_env_vars(&names))
+            .map_py(py)
+    }
+
+    /// The persistent environment variables.
+    fn env_vars(&self, py: Python<'_>) -> PyResult<BTreeMap<String, String>> {
+        py.allow_threads(|| self.vm.env_vars()).map_py(py)
+    }
+
+    /// Writes bytes to a guest file (atomically; `mode` sets its permissions).
+    #[pyo3(signature = (path, data, mode=None))]
+    fn write_file(
+        &self,
+        py: Python<'_>,
+        path: String,
+        data: Vec<u8>,
+        mode: Option<u32>,
+    ) -> PyResult<()> {
+        py.allow_threads(|| self.vm.write_file(&path, &data, mode))
+            .map_py(py)
+    }
+
+    /// Reads a guest file (refused when over `max_bytes`).
+    fn read_file<'py>(
+        &self,
+        py: Python<'py>,
+        path: String,
+        max_bytes: u64,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let data = py
+            .allow_threads(|| self.vm.read_file(&path, max_bytes))
+            .map_py(py)?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    /// Copies a host file into the guest; returns the guest path.
+    fn upload(&self, py: Python<'_>, local: PathBuf, remote: String) -> PyResult<String> {
+        py.allow_threads(|| self.vm.upload(&local, &remote))
+            .map_py(py)
+    }
+
+    /// Copies a guest file to the host; returns the host path.
+    fn download(
+        &self,
+        py: Python<'_>,
+        remote: String,
+        local: PathBuf,
+        max_bytes: u64,
+    ) -> PyResult<String> {
+        let p = py
+            .allow_threads(|| self.vm.download(&remote, &local, max_bytes))
+            .map_py(py)?;
+        Ok(p.display().to_string())
+    }
+}
+
+/// Every VM: a list of `info()`-like dicts (state reconciled).
+#[pyfunction]
+pub fn list_vms(py: Python<'_>) -> PyResult<Vec<(String, String)>> {
+    let rt = runtime(py)?;
+    let vms = py.allow_threads(|| rt.list()).map_err(|e| to_py(py, e))?;
+    Ok(vms
+        .into_iter()
+        .map(|v| (v.record.id, v.record.state.as_str().to_string()))
+        .collect())
+}
