@@ -219,6 +219,7 @@ impl Work<'_> {
                 },
                 inputs_hash: self.inputs_hash.to_string(),
                 build_steps: timings,
+                ssh: None,
             };
             manifest.save(self.staging)?;
             for file in [VMLINUX_FILE, INITRD_FILE, manifest::MANIFEST_FILE] {
@@ -281,12 +282,13 @@ impl Work<'_> {
 }
 
 /// The staging directory of a build; removed (safely) unless kept.
-struct Staging {
+pub(crate) struct Staging {
     path: Option<PathBuf>,
 }
 
 impl Staging {
-    fn new(images_dir: &Path, name: &str) -> Result<Self, ImageError> {
+    /// Creates `images_dir/.NAME.build-*`.
+    pub(crate) fn new(images_dir: &Path, name: &str) -> Result<Self, ImageError> {
         let dir = tempfile::Builder::new()
             .prefix(&format!(".{name}.build-"))
             .tempdir_in(images_dir)
@@ -299,12 +301,13 @@ impl Staging {
         })
     }
 
-    fn path(&self) -> &Path {
+    /// The directory.
+    pub(crate) fn path(&self) -> &Path {
         self.path.as_deref().unwrap_or(Path::new(""))
     }
 
     /// Hands the directory over to the caller; it is no longer removed on drop.
-    fn keep(mut self) -> PathBuf {
+    pub(crate) fn keep(mut self) -> PathBuf {
         self.path.take().unwrap_or_default()
     }
 }
@@ -319,7 +322,8 @@ impl Drop for Staging {
     }
 }
 
-fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {
+/// Sets the permission bits of `path`.
+pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(ImageError::io("cannot set permissions of", path))
 }
@@ -407,6 +411,7 @@ mod tests {
                 "ca-certificates",
                 "procps",
                 "iproute2",
+                "openssh-server",
                 "git",
                 "curl"
             ]

@@ -151,9 +151,87 @@ pub enum ImageError {
         /// What is missing or wrong.
         reason: String,
     },
+
+    /// An SSH public key given by the user is unusable.
+    #[error(
+        "invalid SSH public key {input}: {reason}; give the key itself (one line such as \
+         `ssh-ed25519 AAAA... comment`; types: {types}) or the path of its `.pub` file",
+        types = crate::ssh::KEY_TYPES.join(", ")
+    )]
+    InvalidSshKey {
+        /// The value given (shortened), or the file it came from.
+        input: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The root filesystem size asked for an SSH image is out of range.
+    #[error(
+        "root filesystem size {size_mib} MiB for image \"{name}\" is not allowed: use at least \
+         {min_mib} MiB (the size of its base image \"{base}\") and at most {max_mib} MiB, or \
+         leave the size out to keep the base's"
+    )]
+    InvalidRootfsSize {
+        /// The image being built.
+        name: String,
+        /// The size asked for.
+        size_mib: u64,
+        /// The base image.
+        base: String,
+        /// The smallest size allowed (the base's).
+        min_mib: u64,
+        /// The largest size allowed.
+        max_mib: u64,
+    },
+
+    /// An SSH image cannot be derived from this base image.
+    #[error("cannot derive SSH image \"{name}\" from base image \"{base}\": {reason}")]
+    InvalidBase {
+        /// The image being built.
+        name: String,
+        /// The base asked for.
+        base: String,
+        /// Why not, and what to use instead.
+        reason: String,
+    },
+
+    /// An image of that name exists and is not an SSH image, so it is not replaced.
+    #[error(
+        "image \"{name}\" already exists and is not an SSH image: choose another name, or \
+         remove it first with `smolvm image rm {name}`"
+    )]
+    NotAnSshImage {
+        /// The name asked for.
+        name: String,
+    },
+
+    /// Writing the SSH files into a root filesystem did not give the expected result.
+    #[error("SSH files in {}: {reason}", path.display())]
+    SshInjection {
+        /// The root filesystem image.
+        path: PathBuf,
+        /// What was found wrong.
+        reason: String,
+    },
 }
 
 impl ImageError {
+    /// Whether the error is the caller's input being wrong (a bad name, key, size or base),
+    /// as opposed to a failure of the host or its tools.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            ImageError::InvalidSshKey { .. }
+                | ImageError::InvalidRootfsSize { .. }
+                | ImageError::InvalidBase { .. }
+                | ImageError::NotAnSshImage { .. }
+                | ImageError::InvalidName { .. }
+                | ImageError::InvalidPackage { .. }
+                | ImageError::RootfsTooSmall { .. }
+                | ImageError::NotFound { .. }
+        )
+    }
+
     /// Builds an [`ImageError::Io`] for `path`; used with `map_err`.
     pub(crate) fn io(
         context: &'static str,

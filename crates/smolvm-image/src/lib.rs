@@ -9,7 +9,8 @@
 //! - `manifest.json`: what it was built from, checksums and build timings.
 //!
 //! [`build`] makes one (or returns the existing one when its inputs are unchanged),
-//! [`open`], [`list`] and [`remove`] manage them.
+//! [`open`], [`list`] and [`remove`] manage them. [`build_ssh_image`] derives an image whose
+//! guest also runs an SSH server with a pinned host key (see [`ssh`]).
 
 mod build;
 mod error;
@@ -20,6 +21,7 @@ mod modules;
 mod progress;
 mod rootfs;
 mod sources;
+pub mod ssh;
 mod store;
 mod tools;
 pub mod vmlinux;
@@ -33,13 +35,18 @@ pub use build::{
 pub use error::ImageError;
 pub use kernel::KERNEL_META_PACKAGE;
 pub use manifest::{
-    AgentInfo, FileInfo, Files, KernelInfo, Manifest, BUILDER_VERSION, FORMAT_VERSION,
+    AgentInfo, FileInfo, Files, KernelInfo, Manifest, SshInfo, BUILDER_VERSION, FORMAT_VERSION,
     MANIFEST_FILE,
 };
 pub use modules::GUEST_MODULES;
 pub use progress::StepTiming;
 pub use rootfs::{
-    AGENT_PATH, BASE_PACKAGES, DEBIAN_SUITE, HOSTNAME, RESOLV_CONF_PLACEHOLDER, VOLUME_LABEL,
+    AGENT_PATH, BASE_PACKAGES, DEBIAN_SUITE, HOSTNAME, RESOLV_CONF_PLACEHOLDER, SSHD_MARKER,
+    VOLUME_LABEL,
+};
+pub use ssh::{
+    build_ssh_image, default_keys_dir, ensure_ssh_key, known_hosts_path, read_public_key,
+    ssh_command_hint, KNOWN_HOSTS_FILE,
 };
 pub use store::{list, open, remove, Image, INITRD_FILE, ROOTFS_FILE, VMLINUX_FILE};
 

@@ -17,7 +17,7 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// Version of the build pipeline. Bump it whenever a change to the pipeline changes what
 /// an image contains, so existing images count as out of date.
-pub const BUILDER_VERSION: u32 = 1;
+pub const BUILDER_VERSION: u32 = 2;
 
 /// Everything recorded about a built image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +53,26 @@ pub struct Manifest {
     /// How long each build step took.
     #[serde(default)]
     pub build_steps: Vec<StepTiming>,
+    /// For an SSH image (made by [`crate::build_ssh_image`]): its base and keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshInfo>,
+}
+
+/// What an SSH image adds to its base image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshInfo {
+    /// The image it was derived from.
+    pub base: String,
+    /// The base image's inputs hash when this one was derived.
+    pub base_inputs_hash: String,
+    /// The public key in root's `authorized_keys`.
+    pub authorized_key: String,
+    /// The image's SSH host public key (`ssh-ed25519 AAAA...`), pinned in `known_hosts`.
+    pub host_key: String,
+    /// The name `known_hosts` gives the host key; pass it as `ssh -o HostKeyAlias=...`.
+    pub host_key_alias: String,
+    /// File name of the `known_hosts` file in the image directory.
+    pub known_hosts: String,
 }
 
 /// The kernel an image boots.

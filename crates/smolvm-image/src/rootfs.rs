@@ -12,8 +12,19 @@ use crate::tools::{self, MKFS_EXT4, MMDEBSTRAP};
 /// The Debian release the root filesystem (and the kernel's apt lists) come from.
 pub const DEBIAN_SUITE: &str = "bookworm";
 
-/// Packages installed on top of `minbase`.
-pub const BASE_PACKAGES: &[&str] = &["python3", "ca-certificates", "procps", "iproute2"];
+/// Packages installed on top of `minbase`. `openssh-server` is there for images derived with
+/// [`crate::build_ssh_image`]; the guest agent starts it only in those (see [`SSHD_MARKER`]).
+pub const BASE_PACKAGES: &[&str] = &[
+    "python3",
+    "ca-certificates",
+    "procps",
+    "iproute2",
+    "openssh-server",
+];
+
+/// The file whose presence makes the guest agent start `sshd` at boot. The base image does
+/// not have it; [`crate::build_ssh_image`] adds it with the keys.
+pub const SSHD_MARKER: &str = "/etc/smolvm/sshd";
 
 /// Where the guest agent is installed inside the root filesystem.
 pub const AGENT_PATH: &str = "/usr/local/sbin/smolvm-agent";
@@ -81,6 +92,26 @@ pub fn configure(dir: &Path, agent: &[u8]) -> Result<(), ImageError> {
     set_mode(&root_home, 0o700)?;
     for cache in ["var/lib/apt/lists", "var/cache/apt"] {
         clear_files(&dir.join(cache))?;
+    }
+    remove_host_keys(dir)
+}
+
+/// Removes the SSH host keys `openssh-server`'s postinst generated: every VM of every image
+/// would share them. An SSH image gets its own key, made on the host and pinned.
+fn remove_host_keys(dir: &Path) -> Result<(), ImageError> {
+    let ssh_dir = dir.join("etc/ssh");
+    let Ok(entries) = std::fs::read_dir(&ssh_dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(ImageError::io("cannot remove", &path))?;
+        }
+    }
+    let marker = dir.join(SSHD_MARKER.trim_start_matches('/'));
+    if marker.symlink_metadata().is_ok() {
+        std::fs::remove_file(&marker).map_err(ImageError::io("cannot remove", &marker))?;
     }
     Ok(())
 }
@@ -185,6 +216,15 @@ mod tests {
         std::fs::write(root.join("var/lib/apt/lists/lock"), b"").unwrap();
         std::fs::write(&outside, b"host file").unwrap();
         std::os::unix::fs::symlink(&outside, root.join("etc/hosts")).unwrap();
+        std::fs::create_dir_all(root.join("etc/ssh/sshd_config.d")).unwrap();
+        for key in [
+            "ssh_host_ed25519_key",
+            "ssh_host_ed25519_key.pub",
+            "ssh_host_rsa_key",
+        ] {
+            std::fs::write(root.join("etc/ssh").join(key), b"key").unwrap();
+        }
+        std::fs::write(root.join("etc/ssh/sshd_config"), b"# config").unwrap();
 
         configure(&root, b"agent").unwrap();
 
@@ -211,6 +251,14 @@ mod tests {
         assert!(!root.join("var/lib/apt/lists/deb_Packages").exists());
         assert!(root.join("var/lib/apt/lists/partial").is_dir());
         assert!(root.join("var/lib/apt/lists/lock").exists());
+        let mut left: Vec<_> = std::fs::read_dir(root.join("etc/ssh"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["sshd_config", "sshd_config.d"]);
+        assert!(!root.join("etc/smolvm/sshd").exists());
     }
 
     #[test]

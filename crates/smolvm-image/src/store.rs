@@ -199,19 +199,24 @@ pub(crate) struct NameLock {
 
 /// Takes the lock for `name`, waiting for another build or removal of it to finish.
 pub(crate) fn lock(images_dir: &Path, name: &str) -> Result<NameLock, ImageError> {
-    let path = images_dir.join(format!(".{name}.lock"));
+    lock_file(
+        &images_dir.join(format!(".{name}.lock")),
+        "waiting for another build or removal of this image",
+    )
+}
+
+/// Takes an exclusive `flock` on `path` (created when missing), logging `waiting` when
+/// another process holds it.
+pub(crate) fn lock_file(path: &Path, waiting: &str) -> Result<NameLock, ImageError> {
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)
-        .map_err(ImageError::io("cannot open the lock file", &path))?;
+        .open(path)
+        .map_err(ImageError::io("cannot open the lock file", path))?;
     if flock(&file, libc::LOCK_EX | libc::LOCK_NB).is_err() {
-        tracing::info!(
-            image = name,
-            "waiting for another build or removal of this image"
-        );
-        flock(&file, libc::LOCK_EX).map_err(ImageError::io("cannot lock", &path))?;
+        tracing::info!(lock = %path.display(), "{waiting}");
+        flock(&file, libc::LOCK_EX).map_err(ImageError::io("cannot lock", path))?;
     }
     Ok(NameLock { _file: file })
 }
@@ -368,6 +373,7 @@ mod tests {
             },
             inputs_hash: "0".into(),
             build_steps: vec![],
+            ssh: None,
         };
         manifest.save(&dir).unwrap();
     }

@@ -44,6 +44,27 @@ pub const MKFS_EXT4: Tool = Tool {
     package: "e2fsprogs",
 };
 
+/// `ssh-keygen`, for the user's key pair and SSH images' host keys.
+pub const SSH_KEYGEN: Tool = Tool {
+    name: "ssh-keygen",
+    package: "openssh-client",
+};
+/// `debugfs`, for writing files into an ext4 image without mounting it.
+pub const DEBUGFS: Tool = Tool {
+    name: "debugfs",
+    package: "e2fsprogs",
+};
+/// `e2fsck`, for checking an ext4 image.
+pub const E2FSCK: Tool = Tool {
+    name: "e2fsck",
+    package: "e2fsprogs",
+};
+/// `resize2fs`, for growing an ext4 image.
+pub const RESIZE2FS: Tool = Tool {
+    name: "resize2fs",
+    package: "e2fsprogs",
+};
+
 /// Every tool a full build needs.
 pub const BUILD_TOOLS: &[Tool] = &[APT_CACHE, APT_GET, DPKG_DEB, MMDEBSTRAP, MKFS_EXT4];
 
@@ -171,7 +192,8 @@ pub fn display(cmd: &Command) -> String {
     words.join(" ")
 }
 
-fn quote(arg: &OsStr) -> String {
+/// Quotes `arg` for a POSIX shell when it needs it.
+pub fn quote(arg: &OsStr) -> String {
     let text = arg.to_string_lossy();
     let plain = !text.is_empty()
         && text
