@@ -14,7 +14,7 @@ use crate::cmdline::BootParams;
 use crate::error::{AgentError, Result};
 use crate::server::{self, Endpoint, ServerConfig};
 use crate::shutdown::OnShutdown;
-use crate::{grow, handshake, logging, modules, mounts, net, reaper};
+use crate::{grow, handshake, logging, modules, mounts, net, reaper, sshd};
 
 /// How long to wait for the root device to appear.
 const ROOT_WAIT: Duration = Duration::from_secs(5);
@@ -95,6 +95,9 @@ fn boot(params: &BootParams, start: Instant) -> Result<()> {
         tracing::warn!("{e}");
     }
     step(start, format_args!("hostname {}, lo up", params.hostname));
+    if let Some(pid) = sshd::start_if_enabled() {
+        step(start, format_args!("started sshd (pid {pid})"));
+    }
     Ok(())
 }
 

@@ -8,7 +8,7 @@
 //!
 //! Besides running commands it keeps the guest's persistent environment (`env.rs`), shuts the
 //! guest down cleanly on request (`shutdown.rs`) and, at boot, grows the root filesystem to
-//! fill its disk (`grow.rs`).
+//! fill its disk (`grow.rs`) and starts `sshd` in SSH images (`sshd.rs`).
 
 mod cli;
 mod cmdline;
@@ -30,6 +30,7 @@ mod server;
 mod shutdown;
 mod spawn;
 mod splitter;
+mod sshd;
 
 use cli::{Invocation, Mode};
 use server::{Endpoint, ServerConfig};
