@@ -1,4 +1,4 @@
-//! `smolvm image build|ls|rm`.
+//! `smolvm image build|ssh|key|ls|rm`.
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -20,6 +20,25 @@ pub enum ImageCmd {
         #[arg(long)]
         size: Option<u64>,
     },
+    /// Derive an image whose guest also runs an SSH server: root accepts KEY, and the host
+    /// key, made here, is pinned in the image's known_hosts (no trust on first use).
+    Ssh {
+        /// Name of the new image.
+        name: String,
+        /// The public key: the key itself or the path of a .pub file [default: smolvm's own
+        /// key, see `smolvm image key`].
+        #[arg(long, value_name = "PUB_OR_PATH")]
+        key: Option<String>,
+        /// Root filesystem size in MiB (at least the base's) [default: the base's].
+        #[arg(long, value_name = "MIB")]
+        size: Option<u64>,
+        /// The image to derive from (built with `smolvm image build`).
+        #[arg(long, default_value = smolvm::config::DEFAULT_IMAGE)]
+        base: String,
+    },
+    /// Print the paths of smolvm's SSH key pair (private, then public), generating it when
+    /// missing.
+    Key,
     /// List built images.
     Ls {
         /// Print JSON.
@@ -39,6 +58,39 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
         ImageCmd::Build { name, force, size } => {
             let img = build(&name, force, size)?;
             println!("{}", img.dir.display());
+            Ok(())
+        }
+        ImageCmd::Ssh {
+            name,
+            key,
+            size,
+            base,
+        } => {
+            let image = ssh(&name, key.as_deref(), size, &base)?;
+            let rows = [
+                ("kernel", image.kernel.display().to_string()),
+                ("initrd", image.initrd.display().to_string()),
+                ("rootfs", image.rootfs.display().to_string()),
+                (
+                    "known_hosts",
+                    smolvm_image::known_hosts_path(&image).display().to_string(),
+                ),
+                (
+                    "host_key_alias",
+                    smolvm_image::ssh::host_key_alias(&image.name),
+                ),
+            ];
+            for (what, value) in rows {
+                println!("{what:<15}{value}");
+            }
+            Ok(())
+        }
+        ImageCmd::Key => {
+            let dir = smolvm_image::default_keys_dir();
+            let (private, public) =
+                smolvm_image::ensure_ssh_key(&dir).map_err(smolvm::Error::Image)?;
+            println!("{}", private.display());
+            println!("{}", public.display());
             Ok(())
         }
         ImageCmd::Ls { json } => {
@@ -82,4 +134,26 @@ pub fn build(name: &str, force: bool, size: Option<u64>) -> Result<smolvm_image:
         extra_packages: Vec::new(),
     };
     Ok(smolvm_image::build(&opts)?)
+}
+
+/// Derives (or finds up to date) the SSH image `name` from `base`; without `key`, smolvm's
+/// own key (generated when missing).
+pub fn ssh(
+    name: &str,
+    key: Option<&str>,
+    size: Option<u64>,
+    base: &str,
+) -> Result<smolvm_image::Image> {
+    let key = match key {
+        Some(key) => key.to_string(),
+        None => {
+            let (_, public) = smolvm_image::ensure_ssh_key(&smolvm_image::default_keys_dir())
+                .map_err(smolvm::Error::Image)?;
+            public.display().to_string()
+        }
+    };
+    let images_dir = smolvm::Paths::from_env().images_dir;
+    let image = smolvm_image::build_ssh_image(&images_dir, base, name, &key, size)
+        .map_err(smolvm::Error::Image)?;
+    Ok(image)
 }
