@@ -28,13 +28,27 @@ pub const BASE_ENV: [(&str, &str); 6] = [
 /// Working directory when the request names none (`/` when it does not exist).
 pub const DEFAULT_CWD: &str = "/root";
 
-/// The shell that runs `Command::Shell`.
+/// The shell that runs `Command::Shell` when the guest has bash: agents write bash.
+pub const BASH: &str = "/bin/bash";
+/// The shell that runs `Command::Shell` otherwise.
 pub const SHELL: &str = "/bin/sh";
+
+/// The shell for `Command::Shell`: bash where the guest has it, else `/bin/sh`.
+fn shell() -> &'static str {
+    static CHOICE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    CHOICE.get_or_init(|| {
+        if std::path::Path::new(BASH).is_file() {
+            BASH
+        } else {
+            SHELL
+        }
+    })
+}
 
 /// The program and its arguments.
 fn argv(command: &Command) -> Result<Vec<String>> {
     let argv = match command {
-        Command::Shell(line) => vec![SHELL.to_owned(), "-c".to_owned(), line.clone()],
+        Command::Shell(line) => vec![shell().to_owned(), "-c".to_owned(), line.clone()],
         Command::Argv(argv) if argv.is_empty() => return Err(AgentError::EmptyArgv),
         Command::Argv(argv) => argv.clone(),
     };
@@ -120,8 +134,9 @@ mod tests {
     fn shell_and_argv() {
         assert_eq!(
             argv(&Command::Shell("echo hi".into())).unwrap(),
-            ["/bin/sh", "-c", "echo hi"]
+            [shell(), "-c", "echo hi"]
         );
+        assert!(shell() == BASH || shell() == SHELL);
         assert_eq!(argv(&Command::Argv(vec!["ls".into()])).unwrap(), ["ls"]);
         assert!(matches!(
             argv(&Command::Argv(vec![])),

@@ -35,7 +35,8 @@ pub struct HelloReply {
 /// What to execute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// A shell command line, run as `/bin/sh -c LINE`.
+    /// A shell command line, run as `/bin/bash -c LINE` (`/bin/sh -c LINE` in a guest
+    /// without bash).
     Shell(String),
     /// A program and its arguments, executed directly (no shell).
     Argv(Vec<String>),
@@ -79,6 +80,14 @@ pub enum HostMessage {
     /// Asks the guest to shut down cleanly (stop processes, flush, unmount, power off);
     /// answered with [`GuestMessage::Ok`] before it goes.
     Shutdown,
+    /// Opens a tunnel to a TCP port on the guest's loopback (generation 3): the agent
+    /// connects to `127.0.0.1:port` (then `[::1]:port`) and answers [`GuestMessage::Ok`] or
+    /// [`GuestMessage::Error`]. After `Ok` the stream carries raw bytes both ways, no more
+    /// frames, until either side closes its half.
+    Connect {
+        /// The guest port (1-65535).
+        port: u16,
+    },
 }
 
 /// A change to the guest's persistent environment, applied in order: `clear`, `unset`, `set`.
@@ -131,7 +140,8 @@ pub enum GuestMessage {
     Pong(u64),
     /// The persistent environment after an [`HostMessage::Env`], sorted by name.
     Env(Vec<(String, String)>),
-    /// The request was accepted (answers [`HostMessage::Shutdown`]).
+    /// The request was accepted (answers [`HostMessage::Shutdown`] and
+    /// [`HostMessage::Connect`]).
     Ok,
 }
 
@@ -150,6 +160,24 @@ pub enum ApiRequest {
     },
     /// Change or read the guest's persistent environment; answered with [`ApiReply::Env`].
     Env(EnvUpdate),
+    /// Forward a host TCP port to a guest port through the agent channel (no network device
+    /// needed); answered with [`ApiReply::Forward`]. The supervisor records it and keeps it
+    /// until it is removed or the VM is deleted.
+    Expose {
+        /// The guest port (1-65535), on the guest's loopback.
+        guest_port: u16,
+        /// The host port; `None` or 0 picks a free one.
+        host_port: Option<u16>,
+        /// The host address to listen on; `None` is 127.0.0.1.
+        bind: Option<String>,
+    },
+    /// Remove the VM's forwards on this host port; answered with [`ApiReply::Ok`].
+    Unexpose {
+        /// The host port.
+        host_port: u16,
+    },
+    /// List the forwards the supervisor serves now; answered with [`ApiReply::Forwards`].
+    Forwards,
 }
 
 /// Supervisor-to-client replies for requests other than exec.
@@ -163,6 +191,22 @@ pub enum ApiReply {
     Error(String),
     /// Answer to [`ApiRequest::Env`]: the guest's persistent environment, sorted by name.
     Env(Vec<(String, String)>),
+    /// Answer to [`ApiRequest::Expose`]: the forward as established.
+    Forward(ForwardInfo),
+    /// Answer to [`ApiRequest::Forwards`].
+    Forwards(Vec<ForwardInfo>),
+}
+
+/// One port forward: connections to `host_addr:host_port` on the host reach
+/// `127.0.0.1:guest_port` in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ForwardInfo {
+    /// The host address listened on (e.g. `127.0.0.1`).
+    pub host_addr: String,
+    /// The host port.
+    pub host_port: u16,
+    /// The guest port.
+    pub guest_port: u16,
 }
 
 /// What the supervisor knows about its VM.

@@ -30,7 +30,7 @@ pub struct ExecOptions {
 }
 
 impl ExecOptions {
-    /// Runs `line` with `/bin/sh -c`.
+    /// Runs `line` with `/bin/bash -c` (`/bin/sh -c` in a guest without bash).
     pub fn shell(line: impl Into<String>) -> ExecOptions {
         Self::new(Command::Shell(line.into()))
     }
