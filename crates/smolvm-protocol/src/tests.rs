@@ -35,9 +35,9 @@ fn roundtrip_blocking_frames() {
 }
 
 /// Fails when the wire format changes: bump PROTOCOL_VERSION and update VERSIONING.md.
+/// Later generations only append variants, so these encodings still hold.
 #[test]
 fn wire_format_snapshot_v2() {
-    assert_eq!(PROTOCOL_VERSION, 2);
     let bytes = encode(&sample_exec()).unwrap();
     assert_eq!(
         bytes,
@@ -66,6 +66,80 @@ fn wire_format_snapshot_v2() {
     assert_eq!(env, vec![6, 1, 1, 1, b'X', 1, 1, b'A', 1, b'b']);
     assert_eq!(encode(&HostMessage::Shutdown).unwrap(), vec![7]);
     assert_eq!(encode(&GuestMessage::Ok).unwrap(), vec![8]);
+}
+
+/// Generation 3: port forwarding (`Connect`, `Expose`, `Unexpose`, `Forwards`).
+#[test]
+fn wire_format_snapshot_v3() {
+    assert_eq!(PROTOCOL_VERSION, 3);
+    // 8080 as a varint is 0x90 0x3f.
+    assert_eq!(
+        encode(&HostMessage::Connect { port: 8080 }).unwrap(),
+        vec![8, 0x90, 0x3f]
+    );
+    let expose = encode(&ApiRequest::Expose {
+        guest_port: 80,
+        host_port: Some(8080),
+        bind: Some("127.0.0.1".into()),
+    })
+    .unwrap();
+    let mut want = vec![4, 80, 1, 0x90, 0x3f, 1, 9];
+    want.extend_from_slice(b"127.0.0.1");
+    assert_eq!(expose, want);
+    assert_eq!(
+        encode(&ApiRequest::Expose {
+            guest_port: 1,
+            host_port: None,
+            bind: None
+        })
+        .unwrap(),
+        vec![4, 1, 0, 0]
+    );
+    assert_eq!(
+        encode(&ApiRequest::Unexpose { host_port: 8080 }).unwrap(),
+        vec![5, 0x90, 0x3f]
+    );
+    assert_eq!(encode(&ApiRequest::Forwards).unwrap(), vec![6]);
+    let info = ForwardInfo {
+        host_addr: "127.0.0.1".into(),
+        host_port: 8080,
+        guest_port: 80,
+    };
+    let mut want = vec![4, 9];
+    want.extend_from_slice(b"127.0.0.1");
+    want.extend_from_slice(&[0x90, 0x3f, 80]);
+    assert_eq!(encode(&ApiReply::Forward(info.clone())).unwrap(), want);
+    let mut want = vec![5, 1, 9];
+    want.extend_from_slice(b"127.0.0.1");
+    want.extend_from_slice(&[0x90, 0x3f, 80]);
+    assert_eq!(encode(&ApiReply::Forwards(vec![info])).unwrap(), want);
+}
+
+#[test]
+fn forward_messages_round_trip_and_bad_ports_are_refused() {
+    let msgs = [
+        HostMessage::Connect { port: 1 },
+        HostMessage::Connect { port: u16::MAX },
+    ];
+    for m in msgs {
+        assert_eq!(decode::<HostMessage>(&encode(&m).unwrap()).unwrap(), m);
+    }
+    let reqs = [
+        ApiRequest::Expose {
+            guest_port: 8000,
+            host_port: Some(0),
+            bind: Some("::1".into()),
+        },
+        ApiRequest::Unexpose { host_port: 1 },
+        ApiRequest::Forwards,
+    ];
+    for r in reqs {
+        assert_eq!(decode::<ApiRequest>(&encode(&r).unwrap()).unwrap(), r);
+    }
+    // A port past u16 (65536 = 0x80 0x80 0x04) and a truncated varint are errors.
+    assert!(decode::<HostMessage>(&[8, 0x80, 0x80, 0x04]).is_err());
+    assert!(decode::<HostMessage>(&[8, 0x90]).is_err());
+    assert!(decode::<HostMessage>(&[8]).is_err());
 }
 
 #[test]
