@@ -1,7 +1,10 @@
 //! One yamux stream = one request. Its first frame says what kind: a handshake (`Hello`),
 //! a liveness probe (`Ping`), a process to run (`Exec`), a change to the persistent
-//! environment (`Env`, answered with the whole environment) or a clean shutdown (`Shutdown`,
-//! answered with `Ok`; see [`crate::shutdown`]).
+//! environment (`Env`, answered with the whole environment), a clean shutdown (`Shutdown`,
+//! answered with `Ok`; see [`crate::shutdown`]) or a tunnel to a guest TCP port (`Connect`,
+//! answered with `Ok`, then raw bytes; see [`connect`]).
+
+mod connect;
 
 use std::io;
 use std::sync::Arc;
@@ -49,6 +52,7 @@ pub fn kind(msg: &HostMessage) -> &'static str {
         HostMessage::Ping(_) => "Ping",
         HostMessage::Env(_) => "Env",
         HostMessage::Shutdown => "Shutdown",
+        HostMessage::Connect { .. } => "Connect",
     }
 }
 
@@ -64,13 +68,14 @@ pub async fn handle(stream: yamux::Stream, ctx: Arc<Context>) {
         Ok(HostMessage::Exec(req)) => exec::run(req, transport, ctx.env.snapshot()).await,
         Ok(HostMessage::Env(update)) => env(transport, &update, &ctx).await,
         Ok(HostMessage::Shutdown) => shutdown::handle(transport, ctx).await,
+        Ok(HostMessage::Connect { port }) => connect::handle(transport, port).await,
         Ok(msg @ (HostMessage::Hello(_) | HostMessage::Ping(_))) => {
             control(transport, msg, &ctx.cfg).await
         }
         Ok(other) => {
             let why = format!(
-                "unexpected first message {}: a stream starts with Hello, Ping, Exec, Env or \
-                 Shutdown",
+                "unexpected first message {}: a stream starts with Hello, Ping, Exec, Env, \
+                 Shutdown or Connect",
                 kind(&other)
             );
             refuse(transport, why).await
