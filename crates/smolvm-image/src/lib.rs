@@ -21,6 +21,7 @@ mod modules;
 mod progress;
 mod rootfs;
 mod sources;
+mod sparse;
 pub mod ssh;
 mod store;
 mod tools;

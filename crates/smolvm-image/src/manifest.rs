@@ -1,6 +1,5 @@
 //! `manifest.json`: what an image was built from and checksums of what it holds.
 
-use std::io::Read;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -176,22 +175,16 @@ impl Manifest {
     }
 }
 
-/// SHA-256 and size of a file, streamed.
+/// SHA-256 and size of a file, streamed; holes of sparse files are hashed without reading.
 pub fn hash_file(path: &Path) -> Result<(String, u64), ImageError> {
-    let mut file = std::fs::File::open(path).map_err(ImageError::io("cannot open", path))?;
+    let file = std::fs::File::open(path).map_err(ImageError::io("cannot open", path))?;
+    let size = file
+        .metadata()
+        .map_err(ImageError::io("cannot inspect", path))?
+        .len();
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(ImageError::io("cannot read", path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
+    crate::sparse::for_each_chunk(&file, size, |chunk| hasher.update(chunk))
+        .map_err(ImageError::io("cannot read", path))?;
     Ok((hex::encode(hasher.finalize()), size))
 }
 

@@ -13,8 +13,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Instant, SystemTime};
@@ -26,6 +25,7 @@ use crate::error::ImageError;
 use crate::manifest::{self, FileInfo, SshInfo, MANIFEST_FILE};
 use crate::progress::Steps;
 use crate::rootfs::SSHD_MARKER;
+use crate::sparse::sparse_copy;
 use crate::store::{self, Image, INITRD_FILE, ROOTFS_FILE, VMLINUX_FILE};
 use crate::tools::{self, DEBUGFS, E2FSCK, RESIZE2FS, SSH_KEYGEN};
 
@@ -793,71 +793,6 @@ fn recover_host_key(
     Ok(public)
 }
 
-/// Copies `from` to the new file `to`, leaving holes (and zero blocks) as holes: a clone
-/// where the filesystem can (`FICLONE`), else the data extents (`SEEK_DATA`/`SEEK_HOLE`).
-pub(crate) fn sparse_copy(from: &Path, to: &Path) -> Result<(), ImageError> {
-    let input = File::open(from).map_err(ImageError::io("cannot open", from))?;
-    let len = input
-        .metadata()
-        .map_err(ImageError::io("cannot inspect", from))?
-        .len();
-    let output = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(to)
-        .map_err(ImageError::io("cannot create", to))?;
-    // SAFETY: FICLONE reads the two descriptors, which the files keep open for the call.
-    if unsafe { libc::ioctl(output.as_raw_fd(), libc::FICLONE, input.as_raw_fd()) } == 0 {
-        return Ok(());
-    }
-    output
-        .set_len(len)
-        .map_err(ImageError::io("cannot size", to))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    while pos < len {
-        let Some((start, end)) = next_data(&input, pos, len) else {
-            break;
-        };
-        let mut offset = start;
-        while offset < end {
-            let want = (end - offset).min(buf.len() as u64) as usize;
-            let n = input
-                .read_at(&mut buf[..want], offset)
-                .map_err(ImageError::io("cannot read", from))?;
-            if n == 0 {
-                break;
-            }
-            let chunk = &buf[..n];
-            if chunk.iter().any(|&b| b != 0) {
-                output
-                    .write_all_at(chunk, offset)
-                    .map_err(ImageError::io("cannot write", to))?;
-            }
-            offset += n as u64;
-        }
-        pos = end.max(pos + 1);
-    }
-    Ok(())
-}
-
-/// The next data extent at or after `pos`: `(start, end)`; `None` when only a hole is left.
-/// Without `SEEK_DATA` support the rest of the file counts as data.
-fn next_data(file: &File, pos: u64, len: u64) -> Option<(u64, u64)> {
-    let fd = file.as_raw_fd();
-    // SAFETY: lseek only moves the file offset of a descriptor `file` keeps open.
-    let start = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-    if start < 0 {
-        let err = std::io::Error::last_os_error();
-        return (err.raw_os_error() != Some(libc::ENXIO)).then_some((pos, len));
-    }
-    // SAFETY: as above.
-    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-    let end = if end < 0 { len } else { (end as u64).min(len) };
-    Some((start as u64, end))
-}
-
 /// Grows the ext4 image to `size_mib`: extend the file, `e2fsck -fy`, `resize2fs`.
 fn grow(rootfs: &Path, size_mib: u64) -> Result<(), ImageError> {
     let file = std::fs::OpenOptions::new()
@@ -1180,25 +1115,6 @@ mod tests {
             })
         );
         assert_eq!(parse_stat("nothing"), None);
-    }
-
-    #[test]
-    fn sparse_copy_keeps_contents_and_holes() {
-        use std::os::unix::fs::MetadataExt;
-        let tmp = tempfile::tempdir().unwrap();
-        let from = tmp.path().join("from");
-        let file = File::create(&from).unwrap();
-        file.set_len(64 << 20).unwrap();
-        file.write_all_at(b"start", 0).unwrap();
-        file.write_all_at(&[7u8; 3 << 20], 20 << 20).unwrap();
-        file.write_all_at(b"end", (64 << 20) - 3).unwrap();
-        drop(file);
-        let to = tmp.path().join("to");
-        sparse_copy(&from, &to).unwrap();
-        assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
-        let allocated = std::fs::metadata(&to).unwrap().blocks() * 512;
-        assert!(allocated < 16 << 20, "{allocated} bytes allocated");
-        assert!(sparse_copy(&from, &to).is_err(), "never overwrites");
     }
 
     #[test]
