@@ -209,6 +209,24 @@ pub struct ForwardInfo {
     pub guest_port: u16,
 }
 
+impl ForwardInfo {
+    /// The host side as `addr:port` (`[addr]:port` for IPv6), as clients connect to it.
+    pub fn host(&self) -> String {
+        if self.host_addr.contains(':') {
+            format!("[{}]:{}", self.host_addr, self.host_port)
+        } else {
+            format!("{}:{}", self.host_addr, self.host_port)
+        }
+    }
+}
+
+impl std::fmt::Display for ForwardInfo {
+    /// `127.0.0.1:8080 -> guest:80`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> guest:{}", self.host(), self.guest_port)
+    }
+}
+
 /// What the supervisor knows about its VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStatus {

@@ -136,6 +136,12 @@ fn forward_messages_round_trip_and_bad_ports_are_refused() {
     for r in reqs {
         assert_eq!(decode::<ApiRequest>(&encode(&r).unwrap()).unwrap(), r);
     }
+    let v6 = ForwardInfo {
+        host_addr: "::1".into(),
+        host_port: 8080,
+        guest_port: 80,
+    };
+    assert_eq!(v6.to_string(), "[::1]:8080 -> guest:80");
     // A port past u16 (65536 = 0x80 0x80 0x04) and a truncated varint are errors.
     assert!(decode::<HostMessage>(&[8, 0x80, 0x80, 0x04]).is_err());
     assert!(decode::<HostMessage>(&[8, 0x90]).is_err());
