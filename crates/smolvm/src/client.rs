@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use smolvm_protocol::{
-    read_frame, write_frame, ApiReply, ApiRequest, EnvUpdate, ExecRequest, ExitStatus,
+    read_frame, write_frame, ApiReply, ApiRequest, EnvUpdate, ExecRequest, ExitStatus, ForwardInfo,
     GuestMessage, HostMessage, VmStatus, MAX_CHUNK,
 };
 
@@ -163,6 +163,44 @@ impl ApiClient {
             ApiReply::Env(vars) => Ok(vars),
             ApiReply::Error(e) => Err(Error::Agent(e)),
             _ => Err(self.gone("unexpected reply to an environment request")),
+        }
+    }
+
+    /// Asks the supervisor to forward a host port to `guest_port` (see
+    /// [`crate::Vm::expose_local`]).
+    pub fn expose(
+        &self,
+        guest_port: u16,
+        host_port: Option<u16>,
+        bind: Option<String>,
+    ) -> Result<ForwardInfo> {
+        let req = ApiRequest::Expose {
+            guest_port,
+            host_port,
+            bind,
+        };
+        match self.request(&req, Duration::from_secs(10))? {
+            ApiReply::Forward(info) => Ok(info),
+            ApiReply::Error(e) => Err(Error::Forward(e)),
+            _ => Err(self.gone("unexpected reply to a port forward request")),
+        }
+    }
+
+    /// Asks the supervisor to remove the forwards on `host_port`.
+    pub fn unexpose(&self, host_port: u16) -> Result<()> {
+        match self.request(&ApiRequest::Unexpose { host_port }, Duration::from_secs(10))? {
+            ApiReply::Ok => Ok(()),
+            ApiReply::Error(e) => Err(Error::Forward(e)),
+            _ => Err(self.gone("unexpected reply to a port forward removal")),
+        }
+    }
+
+    /// The forwards the supervisor serves now.
+    pub fn forwards(&self) -> Result<Vec<ForwardInfo>> {
+        match self.request(&ApiRequest::Forwards, Duration::from_secs(5))? {
+            ApiReply::Forwards(list) => Ok(list),
+            ApiReply::Error(e) => Err(Error::Forward(e)),
+            _ => Err(self.gone("unexpected reply to a port forward listing")),
         }
     }
 

@@ -128,6 +128,9 @@ pub enum Error {
     /// The QEMU monitor (QMP) failed.
     #[error("QEMU monitor error: {0}")]
     Qmp(String),
+    /// A port forward could not be made, found or used (the message names the port).
+    #[error("port forward: {0}")]
+    Forward(String),
 }
 
 /// Result alias for the runtime.

@@ -27,6 +27,8 @@ pub struct GcReport {
     pub removed_dirs: Vec<PathBuf>,
     /// Rows whose directory had vanished, removed.
     pub removed_rows: Vec<String>,
+    /// Recorded port forwards of VMs that no longer exist, removed (`VM host:port -> guest:port`).
+    pub removed_forwards: Vec<String>,
 }
 
 impl GcReport {
@@ -38,6 +40,7 @@ impl GcReport {
             && self.removed_files.is_empty()
             && self.removed_dirs.is_empty()
             && self.removed_rows.is_empty()
+            && self.removed_forwards.is_empty()
     }
 }
 
@@ -105,6 +108,10 @@ impl Runtime {
         }
         // Processes that name a VM directory that no longer exists at all.
         report.killed_processes += kill_strays(&vms_dir, &known);
+        // Forwards whose VM is gone (their listeners died with its supervisor).
+        for (id, f) in self.with_store(|s| s.remove_orphan_forwards())? {
+            report.removed_forwards.push(format!("{id} {f}"));
+        }
         // Half-made shared disks.
         if let Ok(rd) = std::fs::read_dir(self.paths().disks_dir()) {
             for entry in rd.flatten() {

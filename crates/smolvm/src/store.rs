@@ -6,6 +6,8 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use smolvm_protocol::ForwardInfo;
+
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
 
@@ -32,6 +34,17 @@ ALTER TABLE vms ADD COLUMN owner_pid INTEGER;
 ALTER TABLE vms ADD COLUMN owner_start INTEGER;
 ALTER TABLE vms ADD COLUMN ip TEXT;
 ALTER TABLE vms ADD COLUMN stopped_at INTEGER;
+"#,
+    r#"
+CREATE TABLE forwards (
+    vm_id      TEXT NOT NULL,
+    host_addr  TEXT NOT NULL,
+    host_port  INTEGER NOT NULL,
+    guest_port INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    UNIQUE (host_addr, host_port)
+);
+CREATE INDEX forwards_by_vm ON forwards (vm_id);
 "#,
 ];
 
@@ -313,12 +326,121 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Removes a VM's row.
+    /// Removes a VM's row and its port forwards.
     pub fn delete(&self, id: &str) -> Result<()> {
-        self.conn
-            .execute("DELETE FROM vms WHERE id=?1", params![id])
+        let tx = self
+            .conn
+            .unchecked_transaction()
             .map_err(db_err("removing the VM"))?;
-        Ok(())
+        tx.execute("DELETE FROM forwards WHERE vm_id=?1", params![id])
+            .map_err(db_err("removing the VM's port forwards"))?;
+        tx.execute("DELETE FROM vms WHERE id=?1", params![id])
+            .map_err(db_err("removing the VM"))?;
+        tx.commit().map_err(db_err("removing the VM"))
+    }
+
+    /// Records a port forward of the VM `vm_id`. Fails with [`Error::Forward`], naming the
+    /// holder, when a forward on the same host address and port is already recorded.
+    pub fn add_forward(&self, vm_id: &str, f: &ForwardInfo) -> Result<()> {
+        let res = self.conn.execute(
+            "INSERT INTO forwards (vm_id, host_addr, host_port, guest_port, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                vm_id,
+                f.host_addr,
+                f.host_port,
+                f.guest_port,
+                crate::util::now_unix()
+            ],
+        );
+        match res {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                let holder: Option<String> = self
+                    .conn
+                    .query_row(
+                        "SELECT vm_id FROM forwards WHERE host_addr=?1 AND host_port=?2",
+                        params![f.host_addr, f.host_port],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(db_err("reading port forwards"))?;
+                let holder = holder.unwrap_or_else(|| "another VM".into());
+                Err(Error::Forward(format!(
+                    "host port {}:{} is already recorded as a forward of VM {holder} \
+                     (remove it with `smolvm port {holder} --rm {}`, or choose another host port)",
+                    f.host_addr, f.host_port, f.host_port
+                )))
+            }
+            Err(e) => Err(db_err("recording the port forward")(e)),
+        }
+    }
+
+    /// Removes the VM's forwards on `host_port` (on any host address); returns how many.
+    pub fn remove_forwards(&self, vm_id: &str, host_port: u16) -> Result<usize> {
+        self.conn
+            .execute(
+                "DELETE FROM forwards WHERE vm_id=?1 AND host_port=?2",
+                params![vm_id, host_port],
+            )
+            .map_err(db_err("removing the port forward"))
+    }
+
+    /// The VM's recorded port forwards, by host port.
+    pub fn forwards(&self, vm_id: &str) -> Result<Vec<ForwardInfo>> {
+        Ok(self
+            .query_forwards("WHERE vm_id=?1", params![vm_id])?
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect())
+    }
+
+    /// Every recorded port forward with its VM's id, by VM and host port.
+    pub fn all_forwards(&self) -> Result<Vec<(String, ForwardInfo)>> {
+        self.query_forwards("", params![])
+    }
+
+    /// Removes forwards whose VM no longer exists (left by a crash between deleting a VM's
+    /// row and its forwards, or by an older smolvm); returns them.
+    pub fn remove_orphan_forwards(&self) -> Result<Vec<(String, ForwardInfo)>> {
+        let orphans = self.query_forwards("WHERE vm_id NOT IN (SELECT id FROM vms)", params![])?;
+        self.conn
+            .execute(
+                "DELETE FROM forwards WHERE vm_id NOT IN (SELECT id FROM vms)",
+                params![],
+            )
+            .map_err(db_err("removing orphan port forwards"))?;
+        Ok(orphans)
+    }
+
+    fn query_forwards(
+        &self,
+        filter: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<(String, ForwardInfo)>> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT vm_id, host_addr, host_port, guest_port FROM forwards {filter} \
+                 ORDER BY vm_id, host_port, host_addr"
+            ))
+            .map_err(db_err("reading port forwards"))?;
+        let rows = stmt
+            .query_map(args, |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    ForwardInfo {
+                        host_addr: r.get(1)?,
+                        host_port: r.get(2)?,
+                        guest_port: r.get(3)?,
+                    },
+                ))
+            })
+            .map_err(db_err("reading port forwards"))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_err("reading port forwards"))
     }
 }
 
@@ -423,6 +545,82 @@ mod tests {
         // Reopening keeps the schema version and does not re-run migrations.
         drop(s);
         Store::open(&dir.path().join("db")).unwrap();
+    }
+
+    fn fwd(addr: &str, host_port: u16, guest_port: u16) -> ForwardInfo {
+        ForwardInfo {
+            host_addr: addr.into(),
+            host_port,
+            guest_port,
+        }
+    }
+
+    #[test]
+    fn forwards_are_unique_per_address_and_port_and_go_with_their_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        s.insert(&rec("a")).unwrap();
+        s.insert(&rec("b")).unwrap();
+        s.add_forward("a", &fwd("127.0.0.1", 8080, 80)).unwrap();
+        s.add_forward("a", &fwd("::1", 8080, 80)).unwrap();
+        s.add_forward("a", &fwd("127.0.0.1", 8443, 443)).unwrap();
+        // Taken by a: refused, naming the holder.
+        let err = s.add_forward("b", &fwd("127.0.0.1", 8080, 81)).unwrap_err();
+        assert!(matches!(err, Error::Forward(_)), "{err}");
+        assert!(err.to_string().contains("VM a"), "{err}");
+        s.add_forward("b", &fwd("127.0.0.1", 9000, 90)).unwrap();
+        assert_eq!(
+            s.forwards("a").unwrap(),
+            vec![
+                fwd("127.0.0.1", 8080, 80),
+                fwd("::1", 8080, 80),
+                fwd("127.0.0.1", 8443, 443)
+            ]
+        );
+        assert_eq!(s.all_forwards().unwrap().len(), 4);
+        // Removing by host port takes every address of that port, of that VM only.
+        assert_eq!(s.remove_forwards("b", 8080).unwrap(), 0);
+        assert_eq!(s.remove_forwards("a", 8080).unwrap(), 2);
+        assert_eq!(s.forwards("a").unwrap(), vec![fwd("127.0.0.1", 8443, 443)]);
+        // Deleting a VM deletes its forwards.
+        s.delete("a").unwrap();
+        assert!(s.forwards("a").unwrap().is_empty());
+        assert_eq!(s.forwards("b").unwrap(), vec![fwd("127.0.0.1", 9000, 90)]);
+        // Rows of a VM that is gone (e.g. removed by an older smolvm) are found by gc.
+        s.conn
+            .execute("DELETE FROM vms WHERE id='b'", params![])
+            .unwrap();
+        let orphans = s.remove_orphan_forwards().unwrap();
+        assert_eq!(orphans, vec![("b".to_string(), fwd("127.0.0.1", 9000, 90))]);
+        assert!(s.all_forwards().unwrap().is_empty());
+    }
+
+    /// A database made by generation 2 of the schema migrates to 3 with its rows intact.
+    #[test]
+    fn migration_3_adds_forwards_to_an_existing_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..2] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 2i64).unwrap();
+            conn.execute(
+                "INSERT INTO vms (id, state, config, dir, created_at) VALUES ('old', 'stopped', '{}', '/x', 1)",
+                params![],
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let version: i64 = s
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version as usize, MIGRATIONS.len());
+        assert_eq!(s.get("old").unwrap().unwrap().state, VmState::Stopped);
+        s.add_forward("old", &fwd("127.0.0.1", 1234, 22)).unwrap();
+        assert_eq!(s.forwards("old").unwrap().len(), 1);
     }
 
     #[test]

@@ -66,12 +66,14 @@ pub struct VmInfo {
     /// The stored record, state reconciled.
     #[serde(flatten)]
     pub record: VmRecord,
+    /// Its recorded port forwards.
+    pub forwards: Vec<crate::forward::ForwardInfo>,
 }
 
 /// A handle on one VM.
 #[derive(Clone)]
 pub struct Vm {
-    rt: Runtime,
+    pub(crate) rt: Runtime,
     id: String,
     dir: PathBuf,
 }
@@ -300,9 +302,11 @@ impl Runtime {
     /// never "running").
     pub fn list(&self) -> Result<Vec<VmInfo>> {
         let records = self.store().list()?;
+        let mut forwards = self.forwards_by_vm()?;
         Ok(records
             .into_iter()
             .map(|r| VmInfo {
+                forwards: forwards.remove(&r.id).unwrap_or_default(),
                 record: self.reconcile(r),
             })
             .collect())
@@ -356,7 +360,7 @@ impl Vm {
         self.dir.join(files::CONSOLE_LOG)
     }
 
-    fn client(&self) -> ApiClient {
+    pub(crate) fn client(&self) -> ApiClient {
         ApiClient::new(&self.id, &self.dir.join(files::API_SOCK))
     }
 
@@ -552,7 +556,7 @@ impl Vm {
         }
     }
 
-    fn require_running(&self) -> Result<()> {
+    pub(crate) fn require_running(&self) -> Result<()> {
         let rec = self.info()?;
         if rec.state != VmState::Running {
             return Err(Error::BadState {

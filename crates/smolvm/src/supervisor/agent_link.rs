@@ -166,6 +166,34 @@ impl AgentLink {
         }
     }
 
+    /// Opens a tunnel to `port` on the guest's loopback (`Connect`). Returns the raw stream
+    /// and the bytes the guest already sent past its `Ok` (the codec may have read them
+    /// along with it; they belong to the connection and go first).
+    pub async fn connect_tcp(&self, port: u16) -> Result<(Compat<yamux::Stream>, bytes::BytesMut)> {
+        let mut s = self.open().await?;
+        send(&mut s, &HostMessage::Connect { port }).await?;
+        let reply = tokio::time::timeout(CONNECT_REPLY, recv(&mut s))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("the guest agent to connect to guest port {port}"),
+                secs: CONNECT_REPLY.as_secs_f64(),
+            })??;
+        match reply {
+            Some(GuestMessage::Ok) => {
+                let parts = s.into_parts();
+                Ok((parts.io, parts.read_buf))
+            }
+            Some(GuestMessage::Error(e)) => Err(Error::Forward(e)),
+            Some(other) => Err(Error::Agent(format!(
+                "unexpected reply to a connect: {}",
+                describe(&other)
+            ))),
+            None => Err(Error::Agent(
+                "agent closed the stream without answering a connect".into(),
+            )),
+        }
+    }
+
     /// Asks the guest to shut down cleanly; returns once the agent accepted.
     pub async fn shutdown(&self) -> Result<()> {
         let mut s = self.open().await?;
@@ -177,6 +205,10 @@ impl AgentLink {
         }
     }
 }
+
+/// Longest wait for the agent's answer to a `Connect` (it gives up dialling after 5 s;
+/// the rest is slack for a busy, software-emulated guest).
+const CONNECT_REPLY: Duration = Duration::from_secs(15);
 
 /// A short name for a guest message (never its contents, which may be huge or hostile).
 fn describe(m: &GuestMessage) -> &'static str {

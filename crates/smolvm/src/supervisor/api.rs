@@ -11,6 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
 
 use super::agent_link::{self, AgentLink};
+use super::forward::Forwards;
+use crate::error::Error;
 
 /// A stop request: the grace period in ms, and where the main loop says it is done. It
 /// hands over a sender on which the handler confirms it has replied, so the supervisor exits
@@ -25,6 +27,17 @@ pub struct Shared {
     pub status: VmStatus,
     /// Asks the main loop to stop the VM.
     pub stop_tx: mpsc::Sender<StopRequest>,
+    /// The VM's port forwards.
+    pub forwards: Forwards,
+}
+
+/// The text of an error as sent to a client (a forward error without its prefix: the client
+/// wraps it again).
+fn reason(e: Error) -> String {
+    match e {
+        Error::Forward(m) => m,
+        other => other.to_string(),
+    }
 }
 
 type ClientFramed = Framed<UnixStream, tokio_util::codec::LengthDelimitedCodec>;
@@ -80,6 +93,30 @@ pub async fn handle(stream: UnixStream, shared: Arc<Shared>) {
                 Err(e) => ApiReply::Error(e.to_string()),
             };
             let _ = reply(&mut client, &r).await;
+        }
+        ApiRequest::Expose {
+            guest_port,
+            host_port,
+            bind,
+        } => {
+            let r = match shared
+                .forwards
+                .expose(guest_port, host_port, bind.as_deref())
+            {
+                Ok(info) => ApiReply::Forward(info),
+                Err(e) => ApiReply::Error(reason(e)),
+            };
+            let _ = reply(&mut client, &r).await;
+        }
+        ApiRequest::Unexpose { host_port } => {
+            let r = match shared.forwards.unexpose(host_port) {
+                Ok(()) => ApiReply::Ok,
+                Err(e) => ApiReply::Error(reason(e)),
+            };
+            let _ = reply(&mut client, &r).await;
+        }
+        ApiRequest::Forwards => {
+            let _ = reply(&mut client, &ApiReply::Forwards(shared.forwards.list())).await;
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod agent_link;
 pub mod api;
 pub mod console;
+pub mod forward;
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -357,6 +358,11 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
         spec.accelerator.as_str(),
     )?;
     tracing::info!(id = %spec.id, "recorded as running");
+    // The VM's recorded port forwards come back with it.
+    let forwards = forward::Forwards::new(&spec.id, link.clone(), Store::open(&spec.db_path)?);
+    if let Err(e) = forwards.restore() {
+        tracing::warn!("could not read the VM's port forwards: {e}");
+    }
     emit(&StartupEvent::Ready {
         hello: hello.clone(),
     });
@@ -372,6 +378,7 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
             guest: Some(hello),
         },
         stop_tx,
+        forwards,
     });
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io_err("installing SIGTERM handler"))?;
