@@ -1,4 +1,4 @@
-//! VM commands: run, create, start, exec, stop, rm, ls, logs.
+//! VM commands: run, create, start, exec, stop, rm, ls, port, logs.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -212,9 +212,26 @@ pub fn create(c: &CreateArgs, a: &VmArgs, no_start: bool) -> Result<()> {
 /// `smolvm start`.
 pub fn start(id: &str) -> Result<()> {
     let rt = Runtime::open()?;
-    let st = rt.get(id)?.start()?;
+    let vm = rt.get(id)?;
+    let st = vm.start()?;
     eprintln!("started {id} in {} ({})", ms(st.ready), st.accelerator);
+    warn_inactive_forwards(&vm);
     Ok(())
+}
+
+/// Says which recorded forwards the supervisor could not re-establish (port taken).
+fn warn_inactive_forwards(vm: &Vm) {
+    let (Ok(recorded), Ok(active)) = (vm.forwards(), vm.active_forwards()) else {
+        return;
+    };
+    for f in recorded.iter().filter(|f| !active.contains(f)) {
+        eprintln!(
+            "smolvm: warning: port forward {f} is not active (its host port is taken?); see {}",
+            vm.dir()
+                .join(smolvm::supervisor::files::SUPERVISOR_LOG)
+                .display()
+        );
+    }
 }
 
 /// `smolvm exec`.
@@ -272,10 +289,12 @@ pub fn ls(json: bool) -> Result<()> {
         "MEMORY".into(),
         "UPTIME".into(),
         "IP".into(),
+        "PORTS".into(),
         "ACCEL".into(),
         "ERROR".into(),
     ]];
     for v in vms {
+        let ports = ports_column(&v.forwards);
         let r = v.record;
         let uptime = match (r.state, r.started_at) {
             (smolvm::VmState::Running, Some(s)) => format!("{}s", (now - s).max(0)),
@@ -289,11 +308,100 @@ pub fn ls(json: bool) -> Result<()> {
             uptime,
             // Set once the runtime assigns guest addresses (nat mode); `-` until then.
             r.ip.unwrap_or_else(|| "-".into()),
+            ports,
             r.accelerator.unwrap_or_else(|| "-".into()),
             r.error.unwrap_or_default(),
         ]);
     }
     table::print(&rows);
+    Ok(())
+}
+
+/// `8080->80,[::1]:9000->90`: the host address is shown when it is not 127.0.0.1.
+fn ports_column(forwards: &[smolvm::ForwardInfo]) -> String {
+    if forwards.is_empty() {
+        return "-".into();
+    }
+    forwards
+        .iter()
+        .map(|f| {
+            if f.host_addr == "127.0.0.1" {
+                format!("{}->{}", f.host_port, f.guest_port)
+            } else {
+                format!("{}->{}", f.host(), f.guest_port)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Parses `GUEST` or `GUEST:HOST` (ports 1-65535; host 0 means a free port).
+fn parse_port_spec(spec: &str) -> Result<(u16, Option<u16>)> {
+    let bad = || smolvm::Error::InvalidConfig {
+        field: "GUEST[:HOST]",
+        value: spec.to_string(),
+        allowed: "a guest port, optionally with a host port: 8000 or 8000:8080 (1-65535)".into(),
+    };
+    let (guest, host) = match spec.split_once(':') {
+        Some((g, h)) => (g, Some(h)),
+        None => (spec, None),
+    };
+    let guest: u16 = guest.parse().map_err(|_| bad())?;
+    if guest == 0 {
+        return Err(bad().into());
+    }
+    let host = match host {
+        Some(h) => Some(h.parse::<u16>().map_err(|_| bad())?),
+        None => None,
+    };
+    Ok((guest, host))
+}
+
+/// `smolvm port`: add (`GUEST[:HOST]`), remove (`--rm HOST`) or list a VM's forwards.
+pub fn port(id: &str, spec: Option<&str>, bind: Option<&str>, rm: Option<u16>) -> Result<()> {
+    let rt = Runtime::open()?;
+    let vm = rt.get(id)?;
+    if let Some(host_port) = rm {
+        vm.unexpose(host_port)?;
+        return Ok(());
+    }
+    let Some(spec) = spec else {
+        let recorded = vm.forwards()?;
+        let running = vm.info()?.state == smolvm::VmState::Running;
+        let active = if running {
+            vm.active_forwards().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        for f in &recorded {
+            if running && !active.contains(f) {
+                println!("{f} (not active: its host port was taken when the VM started)");
+            } else {
+                println!("{f}");
+            }
+        }
+        if !running && !recorded.is_empty() {
+            eprintln!("{id} is not running: its forwards come back when it starts");
+        }
+        return Ok(());
+    };
+    let (guest, host) = parse_port_spec(spec)?;
+    let bind = match bind {
+        Some(b) => {
+            Some(
+                b.parse::<std::net::IpAddr>()
+                    .map_err(|_| smolvm::Error::InvalidConfig {
+                        field: "--bind",
+                        value: b.to_string(),
+                        allowed: "an IP address of this host, e.g. 127.0.0.1, ::1 or 0.0.0.0"
+                            .into(),
+                    })?,
+            )
+        }
+        None => None,
+    };
+    let f = vm.expose_local(guest, host, bind)?;
+    println!("{f}");
     Ok(())
 }
 
@@ -317,6 +425,7 @@ pub fn inspect(id: &str) -> Result<()> {
         "vm": rec,
         "console_log": vm.console_log(),
         "supervisor_log": vm.dir().join(smolvm::supervisor::files::SUPERVISOR_LOG),
+        "forwards": vm.forwards()?,
         "env_names": if running {
             vm.env_vars().ok().map(|e| e.into_keys().collect::<Vec<_>>())
         } else {
@@ -377,6 +486,9 @@ pub fn gc(json: bool) -> Result<()> {
         }
         for id in &r.removed_rows {
             eprintln!("removed {id} (its directory was gone)");
+        }
+        for f in &r.removed_forwards {
+            eprintln!("removed port forward {f} (its VM is gone)");
         }
         if r.killed_processes > 0 {
             eprintln!("killed {} orphan process(es)", r.killed_processes);

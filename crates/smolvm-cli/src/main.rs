@@ -164,6 +164,24 @@ enum Cmd {
         #[arg(long)]
         max_size: Option<u64>,
     },
+    /// Forward a host port to a port on the VM's loopback, through the agent channel (no
+    /// network needed): `smolvm port ID 8000` (a free host port), `smolvm port ID 8000:8080`.
+    /// Without a port, list the VM's forwards. Forwards last until removed (`--rm HOST`) or
+    /// the VM is deleted, and come back when it starts again.
+    Port {
+        /// VM id.
+        id: String,
+        /// GUEST or GUEST:HOST (guest port, and host port; a free host port when absent).
+        #[arg(value_name = "GUEST[:HOST]")]
+        spec: Option<String>,
+        /// Host address to listen on (default 127.0.0.1; other addresses expose the guest
+        /// port to whoever can reach them).
+        #[arg(long, value_name = "ADDR", requires = "spec")]
+        bind: Option<String>,
+        /// Remove the forward on this host port.
+        #[arg(long = "rm", value_name = "HOST", conflicts_with_all = ["spec", "bind"])]
+        rm: Option<u16>,
+    },
     /// Print a VM's guest console log.
     Logs {
         /// VM id.
@@ -247,6 +265,9 @@ fn main() -> ExitCode {
         Cmd::Rm { ids, force } => cmd_vm::rm(&ids, force).map(|_| 0),
         Cmd::Ls { json } => cmd_vm::ls(json).map(|_| 0),
         Cmd::Cp { src, dst, max_size } => cmd_cp::run(&src, &dst, max_size).map(|_| 0),
+        Cmd::Port { id, spec, bind, rm } => {
+            cmd_vm::port(&id, spec.as_deref(), bind.as_deref(), rm).map(|_| 0)
+        }
         Cmd::Logs { id } => cmd_vm::logs(&id).map(|_| 0),
         Cmd::Inspect { id } => cmd_vm::inspect(&id).map(|_| 0),
         Cmd::Env {
