@@ -109,7 +109,7 @@ pub async fn handle(stream: UnixStream, shared: Arc<Shared>) {
             let _ = reply(&mut client, &r).await;
         }
         ApiRequest::Unexpose { host_port } => {
-            let r = match shared.forwards.unexpose(host_port) {
+            let r = match shared.forwards.unexpose(host_port).await {
                 Ok(()) => ApiReply::Ok,
                 Err(e) => ApiReply::Error(reason(e)),
             };

@@ -36,18 +36,30 @@ const BACKLOG: u32 = 128;
 pub const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// Aborts a task when dropped (a forward's accept loop, and with it its connections).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    /// Aborts the task and waits until it is gone (its listener closed).
+    async fn stop(mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
 }
 
 /// A forward being served.
 struct Active {
     info: ForwardInfo,
-    _task: AbortOnDrop,
+    task: AbortOnDrop,
 }
 
 /// The VM's forwards: the live listeners and their records.
@@ -170,18 +182,22 @@ impl Forwards {
         Ok(info)
     }
 
-    /// Stops serving the forwards on `host_port` (every address) and forgets them;
-    /// their open connections are closed.
-    pub fn unexpose(&self, host_port: u16) -> Result<()> {
-        let removed_live = {
+    /// Stops serving the forwards on `host_port` (every address) and forgets them; returns
+    /// once their listeners are closed. Their open connections are closed too.
+    pub async fn unexpose(&self, host_port: u16) -> Result<()> {
+        let removed: Vec<Active> = {
             let mut active = self.active();
             let keys: Vec<_> = active
                 .keys()
                 .filter(|(_, p)| *p == host_port)
                 .copied()
                 .collect();
-            keys.iter().filter_map(|k| active.remove(k)).count()
+            keys.iter().filter_map(|k| active.remove(k)).collect()
         };
+        let removed_live = removed.len();
+        for a in removed {
+            a.task.stop().await;
+        }
         let removed_rows = self.store().remove_forwards(&self.vm_id, host_port)?;
         if removed_live == 0 && removed_rows == 0 {
             return Err(Error::Forward(format!(
@@ -209,7 +225,7 @@ impl Forwards {
             (addr, info.host_port),
             Active {
                 info,
-                _task: AbortOnDrop(task),
+                task: AbortOnDrop(Some(task)),
             },
         );
     }
