@@ -47,6 +47,10 @@ pub fn run(opts: &Options) -> ! {
         }
         Ok(ForkResult::Parent { child }) => {
             step(start, format_args!("started the server (pid {child})"));
+            // After the server: reading sshd from the disk must not hold up readiness.
+            if let Some(pid) = sshd::start_if_enabled() {
+                step(start, format_args!("started sshd (pid {pid})"));
+            }
             reaper::supervise(child)
         }
         Err(e) => reaper::power_off(&format!("cannot fork the server: {}", e.desc())),
@@ -95,9 +99,6 @@ fn boot(params: &BootParams, start: Instant) -> Result<()> {
         tracing::warn!("{e}");
     }
     step(start, format_args!("hostname {}, lo up", params.hostname));
-    if let Some(pid) = sshd::start_if_enabled() {
-        step(start, format_args!("started sshd (pid {pid})"));
-    }
     Ok(())
 }
 
