@@ -3,8 +3,8 @@
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::IntoPyObjectExt;
 use pyo3::types::PyDict;
+use pyo3::IntoPyObjectExt;
 use smolvm::Error;
 
 /// Raises the exception class `name` of `smolvm.exceptions` with `message` and keyword
@@ -73,6 +73,7 @@ pub fn to_py(py: Python<'_>, err: Error) -> PyErr {
             raise(py, "HostError", msg, &[])
         }
         Error::Disk(_) => raise(py, "HostError", msg, &[]),
+        Error::Forward(_) => raise(py, "NetworkError", msg, &[]),
         Error::StartFailed { id, .. } => raise(py, "VMStartError", msg, &[("vm_id", obj(py, id))]),
         Error::ReadyTimeout { id, secs, .. } => raise(
             py,

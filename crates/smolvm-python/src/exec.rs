@@ -181,19 +181,16 @@ pub fn finish<'py>(
                 "the command did not finish within {secs} s; it was killed with its process group"
             ),
             &[
-                ("operation", PyString::new(py, "command").into_any().unbind()),
+                (
+                    "operation",
+                    PyString::new(py, "command").into_any().unbind(),
+                ),
                 (
                     "timeout_seconds",
                     secs.into_pyobject(py)?.into_any().unbind(),
                 ),
-                (
-                    "stdout",
-                    PyBytes::new(py, &out.stdout).into_any().unbind(),
-                ),
-                (
-                    "stderr",
-                    PyBytes::new(py, &out.stderr).into_any().unbind(),
-                ),
+                ("stdout", PyBytes::new(py, &out.stdout).into_any().unbind()),
+                ("stderr", PyBytes::new(py, &out.stderr).into_any().unbind()),
             ],
         ));
     }
@@ -290,9 +287,10 @@ impl ExecStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<(&'static str, Py<PyBytes>)>> {
-        let mut guard = self.rx.try_lock().map_err(|_| {
-            PyRuntimeError::new_err("this stream is being read by another thread")
-        })?;
+        let mut guard = self
+            .rx
+            .try_lock()
+            .map_err(|_| PyRuntimeError::new_err("this stream is being read by another thread"))?;
         let Some(mut rx) = guard.take() else {
             return Ok(None);
         };

@@ -223,6 +223,77 @@ impl Vm {
             .map_py(py)?;
         Ok(p.display().to_string())
     }
+
+    /// Serves the guest's `guest_port` (on its loopback) on the host; returns the forward.
+    #[pyo3(signature = (guest_port, host_port=None, bind=None))]
+    fn expose_local<'py>(
+        &self,
+        py: Python<'py>,
+        guest_port: i64,
+        host_port: Option<i64>,
+        bind: Option<String>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let guest = port(py, "guest_port", guest_port, false)?;
+        let host = host_port
+            .map(|p| port(py, "host_port", p, true))
+            .transpose()?;
+        let bind = bind
+            .map(|b| {
+                b.parse::<std::net::IpAddr>().map_err(|_| {
+                    to_py(
+                        py,
+                        smolvm::Error::InvalidConfig {
+                            field: "bind",
+                            value: b.clone(),
+                            allowed: "an IP address of this host, e.g. 127.0.0.1".into(),
+                        },
+                    )
+                })
+            })
+            .transpose()?;
+        let f = py
+            .allow_threads(|| self.vm.expose_local(guest, host, bind))
+            .map_py(py)?;
+        forward_dict(py, &f)
+    }
+
+    /// Removes the forwards on `host_port`.
+    fn unexpose(&self, py: Python<'_>, host_port: i64) -> PyResult<()> {
+        let p = port(py, "host_port", host_port, false)?;
+        py.allow_threads(|| self.vm.unexpose(p)).map_py(py)
+    }
+
+    /// The VM's recorded forwards.
+    fn forwards<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let fs = py.allow_threads(|| self.vm.forwards()).map_py(py)?;
+        fs.iter().map(|f| forward_dict(py, f)).collect()
+    }
+}
+
+fn port(py: Python<'_>, field: &'static str, p: i64, zero_ok: bool) -> PyResult<u16> {
+    match u16::try_from(p) {
+        Ok(v) if v != 0 || zero_ok => Ok(v),
+        _ => Err(to_py(
+            py,
+            smolvm::Error::InvalidConfig {
+                field,
+                value: p.to_string(),
+                allowed: if zero_ok {
+                    "a port from 1 to 65535, or None/0 for any free port".into()
+                } else {
+                    "a port from 1 to 65535".into()
+                },
+            },
+        )),
+    }
+}
+
+fn forward_dict<'py>(py: Python<'py>, f: &smolvm::ForwardInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("host_addr", &f.host_addr)?;
+    d.set_item("host_port", f.host_port)?;
+    d.set_item("guest_port", f.guest_port)?;
+    Ok(d)
 }
 
 /// Every VM: a list of `info()`-like dicts (state reconciled).

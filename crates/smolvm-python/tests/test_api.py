@@ -298,3 +298,37 @@ def test_status_states():
     finally:
         vm.delete()
     assert wait_for(lambda: not processes_of(f"{STATE}/vms/{vm.vm_id}"), timeout=10)
+
+
+def test_expose_local(shared_vm):
+    import socket
+    import urllib.request
+
+    shared_vm.write_file("/srv/p/index.html", "from the guest\n")
+    shared_vm.run("cd /srv/p && nohup python3 -m http.server 8123 --bind 127.0.0.1 >/dev/null 2>&1 &")
+    port = shared_vm.expose_local(8123)
+    assert 1024 <= port <= 65535
+    body = ""
+    for _ in range(100):
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+            break
+        except OSError:
+            time.sleep(0.2)
+    assert body == "from the guest\n"
+    assert {"host_addr": "127.0.0.1", "host_port": port, "guest_port": 8123} in shared_vm.list_forwards()
+    # Another process sees the forward and can use it (it belongs to the VM, not to us).
+    r = python(
+        "import urllib.request\n"
+        f"print(urllib.request.urlopen('http://127.0.0.1:{port}/', timeout=10).read().decode(), end='')\n"
+    )
+    assert r.stdout == "from the guest\n", r.stderr
+    shared_vm.unexpose_local(port)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    for bad in [0, 70000, -1]:
+        with pytest.raises(ValidationError) as e:
+            shared_vm.expose_local(bad)
+        assert e.value.field == "guest_port"
+    with pytest.raises(ValidationError):
+        shared_vm.expose_local(80, bind="not-an-ip")

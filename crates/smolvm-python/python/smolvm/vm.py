@@ -7,7 +7,6 @@ import os
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from . import _native
-from .exceptions import NetworkError
 from .types import CommandResult, OutputChunk, VMConfig, VMState
 
 __all__ = ["SmolVM", "CommandStream", "DEFAULT_MAX_FILE_BYTES"]
@@ -292,15 +291,23 @@ class SmolVM:
     upload_file = upload
     download_file = download
 
-    # -- ports --------------------------------------------------------------------------
+    # -- ports ------------------------------------------------------------------------
 
-    def expose_local(self, guest_port: int, host_port: Optional[int] = None) -> int:
-        """Serves ``guest_port`` of the guest on 127.0.0.1:``host_port`` of the host and
-        returns the host port."""
-        expose = getattr(self._native, "expose_local", None)
-        if expose is None:
-            raise NetworkError(
-                "port forwarding is not available in this build of smolvm",
-                guest_port=guest_port,
-            )
-        return expose(guest_port, host_port)
+    def expose_local(
+        self, guest_port: int, host_port: Optional[int] = None, *, bind: Optional[str] = None
+    ) -> int:
+        """Serves the guest's ``guest_port`` (listening on its loopback or any address) on
+        the host at ``bind`` (127.0.0.1 unless given) : ``host_port`` (a free one when None)
+        and returns the host port. The forward runs through the agent channel, so it works
+        without a guest network; it lasts as long as the VM (also across stop/start and
+        after this process ends) or until :meth:`unexpose_local`."""
+        return self._native.expose_local(guest_port, host_port, bind)["host_port"]
+
+    def unexpose_local(self, host_port: int, guest_port: Optional[int] = None) -> None:
+        """Removes the forward on ``host_port`` (``guest_port`` is accepted for the
+        original SDK's signature)."""
+        self._native.unexpose(host_port)
+
+    def list_forwards(self) -> List[Dict[str, Any]]:
+        """The VM's port forwards: dicts of ``host_addr``, ``host_port``, ``guest_port``."""
+        return self._native.forwards()
