@@ -1,6 +1,7 @@
 //! SSH images with real VMs: `smolvm image ssh` derives an image from the default one, a VM
-//! booted from its kernel and root filesystem runs sshd, and `ssh` inside the guest logs in
-//! over loopback with the user's key, trusting only the pinned host key.
+//! booted from its kernel and root filesystem runs sshd, and `ssh` logs in with the user's
+//! key, trusting only the pinned host key: inside the guest over loopback, and from the host
+//! through a forwarded port with the command line `ssh_command_hint` gives.
 
 mod common;
 
@@ -189,6 +190,33 @@ fn ssh_with_the_users_key_and_the_pinned_host_key() {
     upload(&id, &std::fs::read(&known_hosts).unwrap(), "/tmp/kh");
     let out = guest(&id, &ssh_line("smolvm-elsewhere"));
     assert_eq!(out.status.code(), Some(255), "ssh must fail");
+
+    // From the host, through a forwarded port, with the command line smolvm suggests.
+    let out = cli(&["port", &id, "22"]);
+    let forward = ok(&out, "smolvm port ID 22");
+    let port: u16 = forward
+        .trim()
+        .strip_prefix("127.0.0.1:")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{forward:?}"));
+    let image = smolvm_image::open(images.path(), name).unwrap();
+    let hint = smolvm_image::ssh_command_hint(&image, &private, "127.0.0.1", port);
+    let line = format!(
+        "{} echo host-ssh-ok",
+        hint.replacen(
+            "ssh ",
+            "ssh -F /dev/null -o BatchMode=yes -o ConnectTimeout=60 ",
+            1
+        )
+    );
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&line)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(ok(&out, &line), "host-ssh-ok\n");
 
     assert!(cli(&["rm", "-f", &id]).status.success());
 }
