@@ -8,7 +8,8 @@
 //! `sshd` at boot when [`crate::SSHD_MARKER`] exists.
 //!
 //! ```text
-//! images_dir/NAME/   vmlinux  initrd.cpio  rootfs.ext4  manifest.json (with "ssh")  known_hosts
+//! images_dir/NAME/ (0700)  vmlinux  initrd.cpio  rootfs.ext4 (0400: it holds the private host
+//!                          key)  manifest.json (with "ssh")  known_hosts
 //! ```
 
 use std::fs::File;
@@ -744,8 +745,10 @@ impl Derive<'_> {
         for file in [KNOWN_HOSTS_FILE, MANIFEST_FILE] {
             set_mode(&self.staging.join(file), 0o644)?;
         }
-        set_mode(&self.staging.join(ROOTFS_FILE), 0o444)?;
-        set_mode(self.staging, 0o755)?;
+        // The root filesystem holds the image's private host key: only its owner (who runs
+        // the VMs) may read it.
+        set_mode(&self.staging.join(ROOTFS_FILE), 0o400)?;
+        set_mode(self.staging, 0o700)?;
         tracing::debug!(image = self.name, base_bytes = self.base_len, "staged");
         Ok(())
     }

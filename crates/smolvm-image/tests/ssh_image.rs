@@ -178,7 +178,9 @@ fn derived_image_holds_the_keys_with_their_modes_and_is_stable() {
     assert_eq!(names, ["default", "sshbox"]);
     let opened = smolvm_image::open(dir, "sshbox").unwrap();
     opened.verify().unwrap();
-    assert_eq!(std::fs::metadata(rootfs).unwrap().mode() & 0o777, 0o444);
+    // The root filesystem holds the private host key: the owner's only.
+    assert_eq!(std::fs::metadata(rootfs).unwrap().mode() & 0o777, 0o400);
+    assert_eq!(std::fs::metadata(&image.dir).unwrap().mode() & 0o777, 0o700);
     let hint = smolvm_image::ssh_command_hint(&image, Path::new("/k"), "127.0.0.1", 22);
     assert!(hint.contains("HostKeyAlias=smolvm-sshbox"), "{hint}");
 
