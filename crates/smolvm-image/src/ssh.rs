@@ -56,6 +56,9 @@ pub const MAX_SSH_ROOTFS_SIZE_MIB: u64 = 1 << 20;
 /// Where the image's host key lives in the guest (its `.pub` beside it).
 pub const HOST_KEY_PATH: &str = "/etc/ssh/ssh_host_ed25519_key";
 
+/// The SSH server in the guest (Debian's `openssh-server`, part of the base packages).
+const SSHD_PATH: &str = "/usr/sbin/sshd";
+
 /// Where root's authorized key goes in the guest.
 pub const AUTHORIZED_KEYS_PATH: &str = "/root/.ssh/authorized_keys";
 
@@ -450,6 +453,16 @@ pub fn build_ssh_image(
             name: name.to_string(),
             base: base.to_string(),
             reason: "it is an SSH image itself; derive from a plain image such as `default`".into(),
+        });
+    }
+    if stat(&base_image.rootfs, SSHD_PATH).is_err() {
+        return Err(ImageError::InvalidBase {
+            name: name.to_string(),
+            base: base.to_string(),
+            reason: format!(
+                "it has no SSH server ({SSHD_PATH}; made by an older smolvm): rebuild it with \
+                 `smolvm image build {base}`"
+            ),
         });
     }
     let base_len = std::fs::metadata(&base_image.rootfs)

@@ -322,4 +322,28 @@ fn refusals_say_what_to_do() {
     let err = build_ssh_image(dir, "default", "plain", &key, None).unwrap_err();
     assert!(matches!(err, ImageError::NotAnSshImage { .. }), "{err}");
     assert!(dir.join("plain/rootfs.ext4").is_file());
+
+    // A base made before openssh-server was in the image: rebuild it.
+    let old = dir.join("old");
+    std::fs::create_dir_all(old.join("root/etc")).unwrap();
+    for file in ["vmlinux", "initrd.cpio"] {
+        std::fs::hard_link(dir.join("default").join(file), old.join(file)).unwrap();
+    }
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(old.join("root"))
+        .arg(old.join("rootfs.ext4"))
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut manifest = smolvm_image::open(dir, "default").unwrap().manifest;
+    manifest.files.rootfs.size = 16 << 20;
+    manifest.save(&old).unwrap();
+    let err = build_ssh_image(dir, "old", "box3", &key, None).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no SSH server (/usr/sbin/sshd; made by an older smolvm): rebuild it with `smolvm image build old`"),
+        "{err}"
+    );
 }
