@@ -148,7 +148,7 @@ impl Error {
         matches!(
             self,
             Error::InvalidConfig { .. } | Error::Image(smolvm_image::ImageError::NotFound { .. })
-        )
+        ) || matches!(self, Error::Image(e) if e.is_usage())
     }
 
     /// Whether this error means the named VM does not exist (CLI exit code 3).
