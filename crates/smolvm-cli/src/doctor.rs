@@ -61,6 +61,8 @@ pub fn run() -> Result<i32> {
     checks.push(tool("qemu-img", "qemu-img", "qemu-utils"));
     checks.push(tool("mmdebstrap", "mmdebstrap", "mmdebstrap"));
     checks.push(tool("mkfs.ext4", "mkfs.ext4", "e2fsprogs"));
+    checks.push(tool("debugfs", "debugfs", "e2fsprogs"));
+    checks.push(tool("ssh-keygen", "ssh-keygen", "openssh-client"));
     checks.push(tool("apt-get", "apt-get", "apt"));
     checks.push(tool("nft", "nft", "nftables"));
     let tun = std::fs::OpenOptions::new()
