@@ -46,6 +46,20 @@ def wait_for(pred, timeout=20.0, step=0.1):
         time.sleep(step)
 
 
+def http_get(url: str, timeout=20.0) -> str:
+    """GETs ``url`` (retrying while a server in a guest starts); the body as text."""
+    import urllib.request
+
+    until = time.time() + timeout
+    while True:
+        try:
+            return urllib.request.urlopen(url, timeout=5).read().decode()
+        except OSError:
+            if time.time() > until:
+                raise
+            time.sleep(0.2)
+
+
 def python(code: str, timeout=120, **kw):
     """Runs ``code`` in a fresh Python process sharing this run's state directory."""
     env = dict(os.environ, SMOLVM_HOME=STATE)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import SMALL, STATE, processes_of, python, wait_for
+from conftest import SMALL, STATE, http_get, processes_of, python, wait_for
 from smolvm import CommandResult, SmolVM, VMConfig, VMState
 from smolvm import _native
 from smolvm.exceptions import (
@@ -302,20 +302,12 @@ def test_status_states():
 
 def test_expose_local(shared_vm):
     import socket
-    import urllib.request
 
     shared_vm.write_file("/srv/p/index.html", "from the guest\n")
     shared_vm.run("cd /srv/p && nohup python3 -m http.server 8123 --bind 127.0.0.1 >/dev/null 2>&1 &")
     port = shared_vm.expose_local(8123)
     assert 1024 <= port <= 65535
-    body = ""
-    for _ in range(100):
-        try:
-            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
-            break
-        except OSError:
-            time.sleep(0.2)
-    assert body == "from the guest\n"
+    assert http_get(f"http://127.0.0.1:{port}/") == "from the guest\n"
     assert {"host_addr": "127.0.0.1", "host_port": port, "guest_port": 8123} in shared_vm.list_forwards()
     # Another process sees the forward and can use it (it belongs to the VM, not to us).
     r = python(

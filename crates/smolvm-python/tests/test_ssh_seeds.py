@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import SMALL
+from conftest import SMALL, http_get
 from smolvm import SmolVM, VMConfig, VMState, SSH_BOOT_ARGS
 from smolvm.build import ImageBuilder, SSH_BOOT_ARGS as BUILD_SSH_BOOT_ARGS
 from smolvm.exceptions import ImageError, NetworkError
@@ -174,8 +174,6 @@ def test_openclaw_example(ssh_image, monkeypatch):
     """examples/openclaw.py from the seeds: API keys from the host environment, a 4 GB SSH
     image, a gateway started with nohup and its dashboard exposed on the host. Node.js and
     OpenClaw come from the internet, so a Python HTTP server plays the gateway."""
-    import urllib.request
-
     from smolvm import SmolVM, VMConfig, SSH_BOOT_ARGS
     from smolvm.build import ImageBuilder
     from smolvm.utils import ensure_ssh_key
@@ -232,15 +230,7 @@ def test_openclaw_example(ssh_image, monkeypatch):
             host_port = vm.expose_local(guest_port=GUEST_DASHBOARD_PORT)
 
         print(f"Dashboard ready: http://127.0.0.1:{host_port}/")
-        body = ""
-        for _ in range(100):
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{host_port}/", timeout=5).read().decode()
-                break
-            except OSError:
-                import time
-
-                time.sleep(0.2)
+        body = http_get(f"http://127.0.0.1:{host_port}/")
         assert body.strip() == "token ok: yes"
         assert vm.list_forwards() == [
             {"host_addr": "127.0.0.1", "host_port": host_port, "guest_port": GUEST_DASHBOARD_PORT}

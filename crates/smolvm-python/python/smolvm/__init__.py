@@ -11,6 +11,7 @@ from __future__ import annotations
 import os as _os
 
 from . import _native
+from . import exceptions as _exceptions
 from .exceptions import (
     CommandExecutionUnavailableError,
     FileTransferError,
@@ -46,15 +47,5 @@ __all__ = [
     "OutputChunk",
     "ImageBuilder",
     "SSH_BOOT_ARGS",
-    "SmolVMError",
-    "ValidationError",
-    "VMNotFoundError",
-    "VMAlreadyExistsError",
-    "VMStartError",
-    "ImageError",
-    "NetworkError",
-    "HostError",
-    "OperationTimeoutError",
-    "CommandExecutionUnavailableError",
-    "FileTransferError",
+    *_exceptions.__all__,
 ]
