@@ -449,6 +449,30 @@ fn forwards_come_back_after_a_restart_and_go_with_delete() {
     let out = cli(&["port", &id, "8001"]);
     assert_eq!(out.status.code(), Some(1));
 
+    // Started again while another program holds the host port: the VM starts, the forward
+    // stays recorded, and `start` and `port` say it is not active.
+    let squatter = bind_reuse(port).unwrap();
+    let out = cli(&["start", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("127.0.0.1:{port} -> guest:8000 is not active")),
+        "{err}"
+    );
+    assert!(vm.active_forwards().unwrap().is_empty());
+    let listed = String::from_utf8_lossy(&cli(&["port", &id]).stdout).into_owned();
+    assert!(listed.contains("(not active"), "{listed}");
+    // Once the port is free, exposing it again brings the recorded forward back.
+    drop(squatter);
+    assert_eq!(expose(&id, &format!("8000:{port}")), port);
+    assert_eq!(vm.forwards().unwrap().len(), 1);
+    assert_eq!(vm.active_forwards().unwrap(), vm.forwards().unwrap());
+    // And a plain restart re-establishes it by itself.
+    vm.stop(false).unwrap();
     common::start(&vm);
     assert_eq!(vm.active_forwards().unwrap(), vm.forwards().unwrap());
     // The guest rebooted: its server is new, the host port is the same.

@@ -171,7 +171,26 @@ impl Forwards {
             host_port: port,
             guest_port,
         };
-        self.store().add_forward(&self.vm_id, &info)?;
+        // Recorded already (it could not be re-established at start, its port then taken):
+        // serve it again; otherwise record it.
+        let recorded = self.store().forwards(&self.vm_id)?;
+        match recorded
+            .iter()
+            .find(|f| f.host_addr == info.host_addr && f.host_port == port)
+        {
+            Some(f) if f.guest_port == guest_port => {}
+            Some(f) => {
+                return Err(Error::Forward(format!(
+                    "host port {} is recorded as a forward to guest port {} of VM {}; remove \
+                     it first with `smolvm port {} --rm {port}`",
+                    show(addr, port),
+                    f.guest_port,
+                    self.vm_id,
+                    self.vm_id
+                )))
+            }
+            None => self.store().add_forward(&self.vm_id, &info)?,
+        }
         if !addr.is_loopback() {
             tracing::warn!(
                 host = %show(addr, port),
