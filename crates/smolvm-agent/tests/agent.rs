@@ -387,10 +387,14 @@ async fn commands_get_default_signal_dispositions() {
     let agent = Agent::start().await;
     let client = agent.connect().await;
     let out = client
-        .exec(shell("yes | head -c 1 >/dev/null; echo ${PIPESTATUS:-ok}"))
+        .exec(shell(
+            "yes | head -c 1 >/dev/null; s=${PIPESTATUS[0]:-141}; echo $s",
+        ))
         .await;
     assert_eq!(out.stderr, b"", "no 'Broken pipe' complaint from yes");
-    assert_eq!(out.stdout_str(), "ok\n");
+    // Killed by SIGPIPE (128+13), as with a default disposition; an ignored SIGPIPE
+    // would make it complain and exit 1.
+    assert_eq!(out.stdout_str(), "141\n");
 }
 
 // --- persistent environment (protocol generation 2) ---

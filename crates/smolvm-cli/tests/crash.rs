@@ -140,8 +140,11 @@ fn a_persistent_vm_whose_supervisor_died_shows_error_and_gc_repairs_it() {
     wait_for(10, "QEMU to follow its supervisor", || {
         processes_of(vm.dir()).is_empty()
     });
+    // The lock goes with the last process holding it; allow the kernel a moment.
+    wait_for(5, "the VM to show as error", || {
+        vm.info().unwrap().state == VmState::Error
+    });
     let info = vm.info().unwrap();
-    assert_eq!(info.state, VmState::Error);
     assert!(info.error.unwrap().contains("supervisor"), "reason given");
     let out = cli(&["gc", "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -194,9 +197,13 @@ fn gc_removes_orphan_directories_and_their_processes() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("disk.qcow2"), b"half made").unwrap();
     // A process that names the directory, as a stray QEMU would.
-    let mut stray = Command::new("sh")
-        .args(["-c", "sleep 600", "stray"])
+    // One process (no child that would outlive it), holding none of the test's pipes.
+    let mut stray = Command::new("python3")
+        .args(["-c", "import time; time.sleep(600)"])
         .arg(dir.join("agent.sock"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let out = cli(&["gc", "--json"]);
