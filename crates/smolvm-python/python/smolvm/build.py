@@ -20,7 +20,9 @@ class ImageBuilder:
 
     def __init__(self, cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None) -> None:
         self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else _native.default_images_dir()
+        #: The last built image's pinned host key, for ``ssh -o UserKnownHostsFile=...``.
         self.known_hosts: Optional[str] = None
+        #: Its name in ``known_hosts``, for ``ssh -o HostKeyAlias=...``.
         self.host_key_alias: Optional[str] = None
 
     def build_debian_ssh_key(
@@ -38,8 +40,6 @@ class ImageBuilder:
         kernel, rootfs, known_hosts, alias = _native.build_ssh_image(
             os.fspath(ssh_public_key), name, rootfs_size_mb, base_image, self.cache_dir
         )
-        #: The last built image's pinned host key, for ``ssh -o UserKnownHostsFile=...``.
-        self.known_hosts: Optional[str] = known_hosts
-        #: Its name in ``known_hosts``, for ``ssh -o HostKeyAlias=...``.
-        self.host_key_alias: Optional[str] = alias
+        self.known_hosts = known_hosts
+        self.host_key_alias = alias
         return kernel, rootfs

@@ -156,7 +156,8 @@ class SmolVM:
     def get_ip(self) -> Optional[str]:
         """The guest's address on its network, or None when it has none that the host
         assigned (network ``none``/``user``)."""
-        return self._native.info()["ip"]
+        ip: Optional[str] = self._native.info()["ip"]
+        return ip
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -265,7 +266,7 @@ class SmolVM:
     def write_file(self, path: str, data: Union[str, bytes], mode: Optional[int] = None) -> None:
         """Writes ``data`` to the absolute guest ``path`` (parents made; the file appears
         whole or not at all). ``mode`` (e.g. ``0o755``) sets its permissions."""
-        self._native.write_file(path, _stdin_bytes(data), mode)
+        self._native.write_file(path, _stdin_bytes(data) or b"", mode)
 
     def read_file(self, path: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
         """Reads a guest file; files over ``max_bytes`` raise FileTransferError."""
@@ -301,7 +302,8 @@ class SmolVM:
         and returns the host port. The forward runs through the agent channel, so it works
         without a guest network; it lasts as long as the VM (also across stop/start and
         after this process ends) or until :meth:`unexpose_local`."""
-        return self._native.expose_local(guest_port, host_port, bind)["host_port"]
+        port: int = self._native.expose_local(guest_port, host_port, bind)["host_port"]
+        return port
 
     def unexpose_local(self, host_port: int, guest_port: Optional[int] = None) -> None:
         """Removes the forward on ``host_port`` (``guest_port`` is accepted for the
