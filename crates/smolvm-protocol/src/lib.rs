@@ -6,6 +6,7 @@
 //! [`MAX_FRAME_LEN`] are refused before any allocation, so a hostile peer cannot make the
 //! reader allocate more than that. See `VERSIONING.md` for the rules on changing it.
 
+pub mod boot;
 mod error;
 mod frame;
 mod message;
