@@ -32,6 +32,21 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
+    /// The host asked for a network but no Ethernet interface appeared.
+    #[error(
+        "no Ethernet interface (eth0, eth1, ...) appeared in {} within {waited_ms} ms; the VM \
+         has no network device, or the initramfs lacks virtio_net",
+        .dir.display()
+    )]
+    NoEthernet {
+        /// Where we looked (`/sys/class/net`).
+        dir: PathBuf,
+        /// How long we waited.
+        waited_ms: u64,
+    },
+    /// A network interface name the kernel would not take.
+    #[error("invalid network interface name {0:?}: it must be 1 to 15 bytes without NUL")]
+    InterfaceName(String),
     /// The root disk did not appear in time.
     #[error("root device {device} did not appear within {waited_ms} ms")]
     RootDeviceMissing {

@@ -99,7 +99,44 @@ fn boot(params: &BootParams, start: Instant) -> Result<()> {
         tracing::warn!("{e}");
     }
     step(start, format_args!("hostname {}, lo up", params.hostname));
+    configure_network(params, start);
     Ok(())
+}
+
+/// Configures the first Ethernet interface and `/etc/resolv.conf` as the kernel command
+/// line says (nothing without `smolvm.ip`). Never fatal: commands reach the guest through
+/// the agent channel whatever happens to its network, so a failure is logged and boot
+/// goes on.
+fn configure_network(params: &BootParams, start: Instant) {
+    let net = match params.guest_net() {
+        Ok(Some(net)) => net,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!("network not configured: {e}");
+            return;
+        }
+    };
+    let t = Instant::now();
+    match net::configure_ethernet(&net) {
+        Ok(name) => step(
+            start,
+            format_args!(
+                "{name}: {}/{} mtu {}, default via {} ({} us)",
+                net.addr,
+                net.prefix,
+                net.mtu,
+                net.gateway,
+                t.elapsed().as_micros()
+            ),
+        ),
+        Err(e) => tracing::warn!("network not configured: {e}"),
+    }
+    if !net.dns.is_empty() {
+        match net::write_resolv_conf(Path::new(net::RESOLV_CONF), &net.dns) {
+            Ok(()) => tracing::debug!("wrote {} ({:?})", net::RESOLV_CONF, net.dns),
+            Err(e) => tracing::warn!("name servers not configured: {e}"),
+        }
+    }
 }
 
 /// Waits for `device` to appear, polling (there is no udev to tell us).
