@@ -18,6 +18,9 @@ pub fn config_from(c: Option<&CreateArgs>, a: &VmArgs) -> Result<VmConfig> {
         image: a.image.clone(),
         boot_args: a.boot_args.clone(),
         network: a.network.parse()?,
+        egress: a.egress.parse()?,
+        allow_egress: a.allow.clone(),
+        deny_egress: a.deny.clone(),
         ..Default::default()
     };
     if let Some(c) = c {
@@ -306,7 +309,7 @@ pub fn ls(json: bool) -> Result<()> {
             r.config.vcpu_count.to_string(),
             format!("{} MiB", r.config.mem_size_mib),
             uptime,
-            // Set once the runtime assigns guest addresses (nat mode); `-` until then.
+            // The guest's address in nat mode; `-` in the others.
             r.ip.unwrap_or_else(|| "-".into()),
             ports,
             r.accelerator.unwrap_or_else(|| "-".into()),
@@ -426,6 +429,7 @@ pub fn inspect(id: &str) -> Result<()> {
         "console_log": vm.console_log(),
         "supervisor_log": vm.dir().join(smolvm::supervisor::files::SUPERVISOR_LOG),
         "forwards": vm.forwards()?,
+        "network": vm.network_info()?,
         "env_names": if running {
             vm.env_vars().ok().map(|e| e.into_keys().collect::<Vec<_>>())
         } else {
@@ -489,6 +493,15 @@ pub fn gc(json: bool) -> Result<()> {
         }
         for f in &r.removed_forwards {
             eprintln!("removed port forward {f} (its VM is gone)");
+        }
+        for t in &r.removed_taps {
+            eprintln!("removed TAP device {t} and its rules (no running VM uses it)");
+        }
+        for c in &r.removed_chains {
+            eprintln!("removed nftables chain inet smolvm {c} (no running VM uses it)");
+        }
+        for a in &r.released_addresses {
+            eprintln!("released address {a} (its VM is gone)");
         }
         if r.killed_processes > 0 {
             eprintln!("killed {} orphan process(es)", r.killed_processes);

@@ -36,9 +36,20 @@ pub struct VmArgs {
     /// Image to boot (see `smolvm image ls`).
     #[arg(long, default_value = smolvm::config::DEFAULT_IMAGE)]
     pub image: String,
-    /// Network mode: none or user (QEMU user-mode NAT).
-    #[arg(long, default_value = "none")]
+    /// Network mode: nat (TAP + nftables; needs root), user (QEMU user-mode, rootless),
+    /// none, or auto (nat where possible, else user).
+    #[arg(long, default_value = "auto")]
     pub network: String,
+    /// Default egress policy: allow (public destinations; link-local, private ranges and
+    /// the host stay blocked) or deny (only --allow entries).
+    #[arg(long, default_value = "allow")]
+    pub egress: String,
+    /// Open a destination: A.B.C.D, A.B.C.D/N, optionally :PORT (repeatable; nat only).
+    #[arg(long = "allow", value_name = "CIDR[:PORT]")]
+    pub allow: Vec<String>,
+    /// Close a destination, same syntax, checked first (repeatable; nat only).
+    #[arg(long = "deny", value_name = "CIDR[:PORT]")]
+    pub deny: Vec<String>,
     /// Extra kernel command-line arguments.
     #[arg(long)]
     pub boot_args: Option<String>,

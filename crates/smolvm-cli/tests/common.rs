@@ -45,11 +45,13 @@ pub fn runtime() -> Runtime {
     Runtime::with_paths(paths).expect("open runtime")
 }
 
-/// A small VM config: 1 vCPU and 256 MiB keep TCG boots quick on small hosts.
+/// A small VM config: 1 vCPU and 256 MiB keep TCG boots quick on small hosts; no network
+/// device (tests that need one say so: see tests/network.rs).
 pub fn small() -> VmConfig {
     VmConfig {
         vcpu_count: 1,
         mem_size_mib: 256,
+        network: smolvm::NetworkMode::None,
         ..Default::default()
     }
 }

@@ -31,8 +31,23 @@ pub(crate) fn remove_vm(
     if dir.starts_with(&vms_dir) && dir != vms_dir {
         remove_dir(&dir)?;
     }
+    remove_network(store, &rec.id)?;
     store.delete(&rec.id)?;
     Ok(retained)
+}
+
+/// Removes what is left of the `nat` network of a VM that no longer runs (its TAP with its
+/// address and route, its nft chain); its address is released with its row.
+pub(crate) fn remove_network(store: &Store, id: &str) -> Result<()> {
+    if let Some(addr) = store.address_of(id)? {
+        let tap = crate::network::tap_name(addr);
+        // A supervisor that ended normally removed both; one that was killed left both
+        // (a chain left alone by a half-done teardown is found by `gc`).
+        if crate::network::tap::exists(&tap) {
+            crate::network::teardown(&tap)?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes a directory tree; one that is already gone is fine.

@@ -76,23 +76,31 @@ impl std::fmt::Display for DiskMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
-    /// No network device at all (commands still run through the agent channel).
+    /// `nat` when this process may create TAP devices (root or CAP_NET_ADMIN,
+    /// /dev/net/tun, nft), else `user`. Resolved at create; the VM records the concrete mode.
     #[default]
+    Auto,
+    /// No network device at all (commands still run through the agent channel).
     None,
-    /// QEMU user-mode networking (rootless, NAT inside QEMU).
+    /// QEMU user-mode networking (rootless, NAT inside QEMU). Egress lists need `nat`.
     User,
+    /// A TAP device per VM, an address from 172.16.0.0/16, NAT out through nftables,
+    /// VM-to-VM and VM-to-host traffic dropped, and a per-VM egress policy.
+    Nat,
 }
 
 impl std::str::FromStr for NetworkMode {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "auto" => Ok(NetworkMode::Auto),
             "none" => Ok(NetworkMode::None),
             "user" => Ok(NetworkMode::User),
+            "nat" => Ok(NetworkMode::Nat),
             other => Err(Error::InvalidConfig {
                 field: "network",
                 value: other.to_string(),
-                allowed: "one of: none, user".into(),
+                allowed: "one of: auto, nat, user, none".into(),
             }),
         }
     }
@@ -101,8 +109,47 @@ impl std::str::FromStr for NetworkMode {
 impl std::fmt::Display for NetworkMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            NetworkMode::Auto => "auto",
             NetworkMode::None => "none",
             NetworkMode::User => "user",
+            NetworkMode::Nat => "nat",
+        })
+    }
+}
+
+/// What happens to a guest's outgoing traffic that no `allow_egress`/`deny_egress` entry
+/// matches. Link-local (cloud metadata), private ranges and the host stay blocked under
+/// `allow` unless an `allow_egress` entry opens them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressDefault {
+    /// Public destinations are reachable (the default).
+    #[default]
+    Allow,
+    /// Nothing is reachable but `allow_egress` entries (in `user` mode: nothing at all).
+    Deny,
+}
+
+impl std::str::FromStr for EgressDefault {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "allow" => Ok(EgressDefault::Allow),
+            "deny" => Ok(EgressDefault::Deny),
+            other => Err(Error::InvalidConfig {
+                field: "egress",
+                value: other.to_string(),
+                allowed: "one of: allow, deny".into(),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for EgressDefault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EgressDefault::Allow => "allow",
+            EgressDefault::Deny => "deny",
         })
     }
 }
@@ -121,8 +168,15 @@ pub struct VmConfig {
     pub image: String,
     /// Extra kernel command-line arguments appended to ours.
     pub boot_args: Option<String>,
-    /// Networking mode.
+    /// Networking mode (`auto` resolves to `nat` or `user` at create).
     pub network: NetworkMode,
+    /// Default egress policy (`allow` or `deny`); see [`EgressDefault`].
+    pub egress: EgressDefault,
+    /// Destinations opened: `A.B.C.D`, `A.B.C.D/N`, optionally `:PORT` (TCP and UDP).
+    /// Checked before the default blocks, so an entry can open a private range. `nat` only.
+    pub allow_egress: Vec<String>,
+    /// Destinations closed, same syntax; checked before everything else. `nat` only.
+    pub deny_egress: Vec<String>,
     /// Explicit kernel (uncompressed ELF vmlinux) instead of the image's.
     pub kernel_path: Option<PathBuf>,
     /// Explicit initramfs instead of the image's (it must hold the smolvm agent as /init).
@@ -154,6 +208,9 @@ impl Default for VmConfig {
             image: DEFAULT_IMAGE.to_string(),
             boot_args: None,
             network: NetworkMode::default(),
+            egress: EgressDefault::default(),
+            allow_egress: Vec::new(),
+            deny_egress: Vec::new(),
             kernel_path: None,
             initrd_path: None,
             rootfs_path: None,
@@ -263,6 +320,34 @@ impl VmConfig {
             }
         }
         validate_env(&self.env_vars)?;
+        self.validate_egress()?;
+        Ok(())
+    }
+
+    /// Checks the egress entries, and that the network mode can enforce them: lists need
+    /// `nat` (QEMU's user-mode stack cannot filter by destination).
+    pub fn validate_egress(&self) -> Result<()> {
+        crate::network::egress::parse_list("allow_egress", &self.allow_egress)?;
+        crate::network::egress::parse_list("deny_egress", &self.deny_egress)?;
+        if matches!(self.network, NetworkMode::User | NetworkMode::None) {
+            let field = if !self.allow_egress.is_empty() {
+                Some(("allow_egress", &self.allow_egress))
+            } else if !self.deny_egress.is_empty() {
+                Some(("deny_egress", &self.deny_egress))
+            } else {
+                None
+            };
+            if let Some((field, list)) = field {
+                return Err(Error::InvalidConfig {
+                    field,
+                    value: list.join(","),
+                    allowed: format!(
+                        "egress lists need network nat (this VM's network is {}; user mode can only allow everything or, with egress deny, nothing)",
+                        self.network
+                    ),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -452,6 +537,59 @@ mod tests {
             ..Default::default()
         };
         assert!(c.redacted().env_vars.values().all(|v| v.is_empty()));
+    }
+
+    #[test]
+    fn network_and_egress() {
+        assert_eq!("nat".parse::<NetworkMode>().unwrap(), NetworkMode::Nat);
+        assert_eq!("auto".parse::<NetworkMode>().unwrap(), NetworkMode::Auto);
+        assert!("bridge"
+            .parse::<NetworkMode>()
+            .unwrap_err()
+            .to_string()
+            .contains("auto, nat, user, none"));
+        assert_eq!(
+            "deny".parse::<EgressDefault>().unwrap(),
+            EgressDefault::Deny
+        );
+        assert!("block".parse::<EgressDefault>().is_err());
+        let c = VmConfig {
+            network: NetworkMode::Nat,
+            egress: EgressDefault::Deny,
+            allow_egress: vec!["203.0.113.0/24".into(), "198.51.100.7:443".into()],
+            deny_egress: vec!["203.0.113.9".into()],
+            ..Default::default()
+        };
+        c.validate().unwrap();
+        let bad = VmConfig {
+            allow_egress: vec!["203.0.113.0/24".into(), "nope".into()],
+            ..c.clone()
+        };
+        let msg = bad.validate().unwrap_err().to_string();
+        assert!(
+            msg.contains("allow_egress") && msg.contains("nope"),
+            "{msg}"
+        );
+        let user = VmConfig {
+            network: NetworkMode::User,
+            ..c.clone()
+        };
+        let msg = user.validate().unwrap_err().to_string();
+        assert!(msg.contains("need network nat"), "{msg}");
+        // egress deny alone is fine in user mode (QEMU restrict=on).
+        VmConfig {
+            network: NetworkMode::User,
+            egress: EgressDefault::Deny,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        // Rows stored before these fields existed still load.
+        let old: VmConfig = serde_json::from_str(r#"{"network":"user","vcpu_count":1}"#).unwrap();
+        assert_eq!(
+            (old.network, old.egress, old.allow_egress.len()),
+            (NetworkMode::User, EgressDefault::Allow, 0)
+        );
     }
 
     #[test]

@@ -131,6 +131,9 @@ pub enum Error {
     /// A port forward could not be made, found or used (the message names the port).
     #[error("port forward: {0}")]
     Forward(String),
+    /// The VM's network (TAP device, address, nftables rules) could not be set up or removed.
+    #[error("network: {0}")]
+    Network(String),
 }
 
 /// Result alias for the runtime.

@@ -29,6 +29,12 @@ pub struct GcReport {
     pub removed_rows: Vec<String>,
     /// Recorded port forwards of VMs that no longer exist, removed (`VM host:port -> guest:port`).
     pub removed_forwards: Vec<String>,
+    /// `nat` TAP devices with no running VM, removed (with their nft chains).
+    pub removed_taps: Vec<String>,
+    /// Per-VM nft chains with no running VM (and no TAP), removed.
+    pub removed_chains: Vec<String>,
+    /// Address allocations of VMs that no longer exist, released (`VM ADDRESS`).
+    pub released_addresses: Vec<String>,
 }
 
 impl GcReport {
@@ -41,6 +47,9 @@ impl GcReport {
             && self.removed_dirs.is_empty()
             && self.removed_rows.is_empty()
             && self.removed_forwards.is_empty()
+            && self.removed_taps.is_empty()
+            && self.removed_chains.is_empty()
+            && self.released_addresses.is_empty()
     }
 }
 
@@ -112,6 +121,7 @@ impl Runtime {
         for (id, f) in self.with_store(|s| s.remove_orphan_forwards())? {
             report.removed_forwards.push(format!("{id} {f}"));
         }
+        self.gc_network(&mut report)?;
         // Half-made shared disks.
         if let Ok(rd) = std::fs::read_dir(self.paths().disks_dir()) {
             for entry in rd.flatten() {
@@ -127,6 +137,55 @@ impl Runtime {
             }
         }
         Ok(report)
+    }
+}
+
+impl Runtime {
+    /// Removes `nat` leftovers: address rows of VMs that are gone, and `smv*` TAPs and
+    /// per-VM chains that no running VM of ours uses. A TAP that a process still has
+    /// open (carrier on) is left alone: it may belong to a VM of another state directory.
+    fn gc_network(&self, report: &mut GcReport) -> Result<()> {
+        use crate::network::{nft, tap, TAP_PREFIX};
+        for (ip, id) in self.with_store(|s| s.remove_orphan_addresses())? {
+            report.released_addresses.push(format!("{id} {ip}"));
+        }
+        let records = self.with_store(|s| s.list())?;
+        let running: BTreeSet<String> = records
+            .iter()
+            .filter(|r| crate::supervisor::is_running(Path::new(&r.dir)))
+            .map(|r| r.id.clone())
+            .collect();
+        let in_use: BTreeSet<String> = self
+            .with_store(|s| s.addresses())?
+            .into_iter()
+            .filter(|(_, id)| running.contains(id))
+            .map(|(ip, _)| crate::network::tap_name(ip))
+            .collect();
+        for name in tap::list(TAP_PREFIX) {
+            if in_use.contains(&name) || tap::attached(&name) {
+                continue;
+            }
+            match crate::network::teardown(&name) {
+                Ok(()) => report.removed_taps.push(name),
+                Err(e) => {
+                    tracing::warn!(tap = %name, error = %e, "could not remove a leftover TAP")
+                }
+            }
+        }
+        if crate::util::which("nft").is_some() {
+            for chain in nft::vm_chains() {
+                if in_use.contains(&chain) || tap::exists(&chain) {
+                    continue;
+                }
+                match nft::apply(&nft::render_teardown(&chain)) {
+                    Ok(()) => report.removed_chains.push(chain),
+                    Err(e) => {
+                        tracing::warn!(%chain, error = %e, "could not remove a leftover nft chain")
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

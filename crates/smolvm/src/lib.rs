@@ -22,6 +22,7 @@ pub mod files;
 mod forward;
 mod gc;
 pub mod hypervisor;
+pub mod network;
 pub mod paths;
 pub mod store;
 pub mod supervisor;
@@ -29,7 +30,7 @@ pub mod util;
 mod vm;
 
 pub use client::{CancelToken, OutputStream};
-pub use config::{DiskMode, NetworkMode, VmConfig};
+pub use config::{DiskMode, EgressDefault, NetworkMode, VmConfig};
 pub use error::{Error, Result};
 pub use exec::{ExecOptions, ExecOutput};
 pub use files::GuestFileInfo;

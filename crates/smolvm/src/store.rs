@@ -1,5 +1,6 @@
 //! VM state in SQLite (WAL, busy timeout, schema migrations): one row per VM.
 
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -45,6 +46,12 @@ CREATE TABLE forwards (
     UNIQUE (host_addr, host_port)
 );
 CREATE INDEX forwards_by_vm ON forwards (vm_id);
+"#,
+    r#"
+CREATE TABLE addresses (
+    ip    TEXT PRIMARY KEY,
+    vm_id TEXT NOT NULL UNIQUE
+);
 "#,
 ];
 
@@ -313,6 +320,15 @@ impl Store {
         Ok(())
     }
 
+    /// Records (or, with `None`, clears) the guest's address shown by `ls`, `inspect` and the
+    /// SDK's `get_ip()`.
+    pub fn set_ip(&self, id: &str, ip: Option<&str>) -> Result<()> {
+        self.conn
+            .execute("UPDATE vms SET ip=?2 WHERE id=?1", params![id, ip])
+            .map_err(db_err("recording the VM's address"))?;
+        Ok(())
+    }
+
     /// Records (or clears) the process whose death deletes the VM. Returns false when the
     /// row is gone.
     pub fn set_owner(&self, id: &str, owner: Option<Owner>) -> Result<bool> {
@@ -326,7 +342,7 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Removes a VM's row and its port forwards.
+    /// Removes a VM's row, its port forwards and its address (free for reuse).
     pub fn delete(&self, id: &str) -> Result<()> {
         let tx = self
             .conn
@@ -334,9 +350,130 @@ impl Store {
             .map_err(db_err("removing the VM"))?;
         tx.execute("DELETE FROM forwards WHERE vm_id=?1", params![id])
             .map_err(db_err("removing the VM's port forwards"))?;
+        tx.execute("DELETE FROM addresses WHERE vm_id=?1", params![id])
+            .map_err(db_err("releasing the VM's address"))?;
         tx.execute("DELETE FROM vms WHERE id=?1", params![id])
             .map_err(db_err("removing the VM"))?;
         tx.commit().map_err(db_err("removing the VM"))
+    }
+
+    /// Allocates the lowest free `nat` address to `vm_id` (the same one again if it has
+    /// one) and records it in its row too. One immediate transaction: concurrent
+    /// allocations, from threads or processes, never get the same address.
+    pub fn allocate_address(&self, vm_id: &str) -> Result<Ipv4Addr> {
+        use crate::network::alloc;
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )
+        .map_err(db_err("allocating an address"))?;
+        let mine: Option<String> = tx
+            .query_row(
+                "SELECT ip FROM addresses WHERE vm_id=?1",
+                params![vm_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err("reading addresses"))?;
+        if let Some(ip) = mine.and_then(|s| s.parse::<Ipv4Addr>().ok()) {
+            return Ok(ip);
+        }
+        let mut used: Vec<u32> = {
+            let mut stmt = tx
+                .prepare("SELECT ip FROM addresses")
+                .map_err(db_err("reading addresses"))?;
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(db_err("reading addresses"))?;
+            rows.filter_map(|r| r.ok())
+                .filter_map(|s| s.parse::<Ipv4Addr>().ok())
+                .filter_map(alloc::offset_of)
+                .collect()
+        };
+        used.sort_unstable();
+        let off = alloc::lowest_free(&used).ok_or_else(|| {
+            Error::Network(format!(
+                "the address pool {} is full ({} VMs hold an address); delete some VMs",
+                alloc::POOL_CIDR,
+                used.len()
+            ))
+        })?;
+        let ip = alloc::addr_at(off);
+        tx.execute(
+            "INSERT INTO addresses (ip, vm_id) VALUES (?1, ?2)",
+            params![ip.to_string(), vm_id],
+        )
+        .map_err(db_err("recording the address"))?;
+        tx.execute(
+            "UPDATE vms SET ip=?2 WHERE id=?1",
+            params![vm_id, ip.to_string()],
+        )
+        .map_err(db_err("recording the address"))?;
+        tx.commit().map_err(db_err("allocating an address"))?;
+        Ok(ip)
+    }
+
+    /// The `nat` address allocated to `vm_id`, if any.
+    pub fn address_of(&self, vm_id: &str) -> Result<Option<Ipv4Addr>> {
+        let ip: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT ip FROM addresses WHERE vm_id=?1",
+                params![vm_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err("reading addresses"))?;
+        Ok(ip.and_then(|s| s.parse().ok()))
+    }
+
+    /// Every allocated address with its VM's id, by address.
+    pub fn addresses(&self) -> Result<Vec<(Ipv4Addr, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT ip, vm_id FROM addresses")
+            .map_err(db_err("reading addresses"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(db_err("reading addresses"))?;
+        let mut v: Vec<(Ipv4Addr, String)> = rows
+            .filter_map(|r| r.ok())
+            .filter_map(|(ip, id)| ip.parse().ok().map(|ip| (ip, id)))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Releases `vm_id`'s address; returns whether it had one.
+    pub fn release_address(&self, vm_id: &str) -> Result<bool> {
+        let n = self
+            .conn
+            .execute("DELETE FROM addresses WHERE vm_id=?1", params![vm_id])
+            .map_err(db_err("releasing the address"))?;
+        Ok(n > 0)
+    }
+
+    /// Removes addresses whose VM no longer exists; returns them.
+    pub fn remove_orphan_addresses(&self) -> Result<Vec<(Ipv4Addr, String)>> {
+        let orphans: Vec<(Ipv4Addr, String)> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT ip, vm_id FROM addresses WHERE vm_id NOT IN (SELECT id FROM vms)")
+                .map_err(db_err("reading addresses"))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(db_err("reading addresses"))?;
+            rows.filter_map(|r| r.ok())
+                .filter_map(|(ip, id)| ip.parse().ok().map(|ip| (ip, id)))
+                .collect()
+        };
+        self.conn
+            .execute(
+                "DELETE FROM addresses WHERE vm_id NOT IN (SELECT id FROM vms)",
+                params![],
+            )
+            .map_err(db_err("removing orphan addresses"))?;
+        Ok(orphans)
     }
 
     /// Records a port forward of the VM `vm_id`. Fails with [`Error::Forward`], naming the
@@ -540,6 +677,13 @@ mod tests {
             (VmState::Error, Some("boom"), None)
         );
         assert_eq!(s.list().unwrap().len(), 1);
+        s.set_ip("a", Some("10.0.2.15")).unwrap();
+        assert_eq!(
+            s.get("a").unwrap().unwrap().ip.as_deref(),
+            Some("10.0.2.15")
+        );
+        s.set_ip("a", None).unwrap();
+        assert_eq!(s.get("a").unwrap().unwrap().ip, None);
         s.delete("a").unwrap();
         assert!(s.get("a").unwrap().is_none());
         // Reopening keeps the schema version and does not re-run migrations.
@@ -621,6 +765,76 @@ mod tests {
         assert_eq!(s.get("old").unwrap().unwrap().state, VmState::Stopped);
         s.add_forward("old", &fwd("127.0.0.1", 1234, 22)).unwrap();
         assert_eq!(s.forwards("old").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn addresses_are_lowest_free_never_shared_and_reused() {
+        use crate::network::alloc::addr_at;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        let mut got = std::collections::BTreeSet::new();
+        for i in 0..300 {
+            let id = format!("vm-{i}");
+            s.insert(&rec(&id)).unwrap();
+            let ip = s.allocate_address(&id).unwrap();
+            assert!(got.insert(ip), "{ip} given twice");
+            // Asking again gives the VM its own address, not a new one.
+            assert_eq!(s.allocate_address(&id).unwrap(), ip);
+        }
+        // Past the first /24, and recorded in the row.
+        assert_eq!(s.address_of("vm-299").unwrap(), Some(addr_at(301)));
+        assert_eq!(
+            s.get("vm-299").unwrap().unwrap().ip.as_deref(),
+            Some("172.16.1.45")
+        );
+        // Freed addresses are reused, lowest first.
+        s.delete("vm-10").unwrap();
+        s.delete("vm-5").unwrap();
+        assert!(s.release_address("vm-250").unwrap());
+        s.insert(&rec("n1")).unwrap();
+        s.insert(&rec("n2")).unwrap();
+        s.insert(&rec("n3")).unwrap();
+        assert_eq!(s.allocate_address("n1").unwrap(), addr_at(7));
+        assert_eq!(s.allocate_address("n2").unwrap(), addr_at(12));
+        assert_eq!(s.allocate_address("n3").unwrap(), addr_at(252));
+        let all = s.addresses().unwrap();
+        let distinct: std::collections::BTreeSet<_> = all.iter().map(|(ip, _)| *ip).collect();
+        assert_eq!(distinct.len(), all.len());
+        assert_eq!(all.len(), 300);
+        // An address row whose VM is gone is found by gc.
+        s.conn
+            .execute("DELETE FROM vms WHERE id='vm-1'", params![])
+            .unwrap();
+        let orphans = s.remove_orphan_addresses().unwrap();
+        assert_eq!(orphans, vec![(addr_at(3), "vm-1".to_string())]);
+    }
+
+    #[test]
+    fn concurrent_allocations_are_distinct() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        Store::open(&path).unwrap();
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let s = Store::open(&path).unwrap();
+                    (0..25)
+                        .map(|i| {
+                            let id = format!("vm-{t}-{i}");
+                            s.insert(&rec(&id)).unwrap();
+                            s.allocate_address(&id).unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for h in handles {
+            all.extend(h.join().unwrap());
+        }
+        let distinct: std::collections::BTreeSet<_> = all.iter().collect();
+        assert_eq!(distinct.len(), 200);
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::collections::BTreeMap;
 use smolvm_protocol::EnvUpdate;
 
 use crate::client::{ApiClient, OutputStream};
-use crate::config::{generate_id, validate_env, validate_env_name, DiskMode, VmConfig};
+use crate::config::{
+    generate_id, validate_env, validate_env_name, DiskMode, NetworkMode, VmConfig,
+};
 use crate::disk::{self, OVERLAY_NAME};
 use crate::error::{io_err, Error, Result};
 use crate::exec::{ExecOptions, ExecOutput};
@@ -176,6 +178,7 @@ impl Runtime {
 
     fn create_with_owner(&self, config: VmConfig, owner: Option<Owner>) -> Result<Vm> {
         config.validate()?;
+        let config = resolve_network(config)?;
         let boot = self.boot_files(&config)?;
         let explicit = config.vm_id.is_some();
         let mut attempt = 0;
@@ -232,6 +235,9 @@ impl Runtime {
             let disk = self.make_disk(&config, &boot, &dir)?;
             if !config.env_vars.is_empty() {
                 crate::env::add_pending(&dir, crate::env::set_update(&config.env_vars, true))?;
+            }
+            if config.network == NetworkMode::Nat {
+                self.store().allocate_address(&id)?;
             }
             self.store().set_disk(&id, &disk.display().to_string())
         })();
@@ -355,6 +361,13 @@ impl Vm {
         Ok(self.rt.reconcile(rec))
     }
 
+    /// The VM's network: mode, address, egress policy and its nftables rules.
+    pub fn network_info(&self) -> Result<crate::network::NetworkInfo> {
+        let rec = self.info()?;
+        let addr = self.rt.store().address_of(&self.id)?;
+        crate::network::NetworkInfo::new(&rec.config, addr)
+    }
+
     /// Path of the guest's console log.
     pub fn console_log(&self) -> PathBuf {
         self.dir.join(files::CONSOLE_LOG)
@@ -410,6 +423,12 @@ impl Vm {
                 Accelerator::Kvm => 30,
                 Accelerator::Tcg => 120,
             });
+        let nat = if rec.config.network == NetworkMode::Nat {
+            let addr = self.rt.store().allocate_address(&self.id)?;
+            Some(crate::network::NatPlan::new(&rec.config, addr)?)
+        } else {
+            None
+        };
         let spec = LaunchSpec {
             id: self.id.clone(),
             vcpus: rec.config.vcpu_count,
@@ -426,7 +445,20 @@ impl Vm {
             ready_timeout_secs,
             state_dir: self.rt.paths().state_dir.clone(),
             lock_disk: !(boot.shareable && rec.config.disk_mode == DiskMode::Shared),
+            guest_net: match rec.config.network {
+                // QEMU's slirp: fixed addresses, the same in every VM.
+                NetworkMode::User => Some(smolvm_protocol::boot::GuestNet::user_mode()),
+                _ => None,
+            },
+            restrict_user_net: rec.config.network == NetworkMode::User
+                && rec.config.egress == crate::config::EgressDefault::Deny,
+            nat,
         };
+        if let Some(net) = &spec.guest_net {
+            self.rt
+                .store()
+                .set_ip(&self.id, Some(&net.addr.to_string()))?;
+        }
         let spec_json = serde_json::to_vec_pretty(&spec).unwrap_or_default();
         std::fs::write(self.dir.join(files::SPEC), spec_json).map_err(io_err(format!(
             "writing {}",
@@ -680,6 +712,9 @@ impl Vm {
         }
         // The supervisor is unreachable or stuck: make sure nothing of the VM survives.
         crate::cleanup::kill_vm_processes(&self.dir);
+        if let Err(e) = crate::cleanup::remove_network(&self.rt.store(), &self.id) {
+            tracing::warn!(id = %self.id, error = %e, "could not remove the VM's network");
+        }
         for f in [
             files::API_SOCK,
             files::AGENT_SOCK,
@@ -760,6 +795,37 @@ impl Vm {
         crate::env::add_pending(&self.dir, update)?;
         Ok(BTreeMap::new())
     }
+}
+
+/// Resolves `auto` networking to `nat` when this process may create TAP devices, else to
+/// `user`; refuses `nat` where it cannot work, saying why.
+fn resolve_network(mut config: VmConfig) -> Result<VmConfig> {
+    match config.network {
+        NetworkMode::Auto => {
+            config.network = match crate::network::nat_available() {
+                Ok(()) => NetworkMode::Nat,
+                Err(why) => {
+                    tracing::debug!(%why, "nat networking unavailable; using user mode");
+                    if !config.allow_egress.is_empty() || !config.deny_egress.is_empty() {
+                        return Err(Error::Network(format!(
+                            "egress lists need nat networking, which is not available here ({why}); run as root (or with CAP_NET_ADMIN) with nftables installed"
+                        )));
+                    }
+                    NetworkMode::User
+                }
+            };
+        }
+        NetworkMode::Nat => {
+            if let Err(why) = crate::network::nat_available() {
+                return Err(Error::Network(format!(
+                    "nat networking is not available here: {why}; use --network user (rootless) or none"
+                )));
+            }
+        }
+        NetworkMode::User | NetworkMode::None => {}
+    }
+    config.validate_egress()?;
+    Ok(config)
 }
 
 fn unreachable_config<T>(field: &'static str) -> Result<T> {

@@ -34,6 +34,11 @@ pub struct LaunchSpec {
     pub disk_format: String,
     /// Extra kernel arguments from the user.
     pub extra_boot_args: Option<String>,
+    /// The guest's network configuration, passed on the kernel command line
+    /// (`smolvm.ip=... smolvm.gw=...`, see [`smolvm_protocol::boot`]); the agent applies it at
+    /// boot. `None`: the guest configures no interface besides loopback.
+    #[serde(default)]
+    pub guest_net: Option<smolvm_protocol::boot::GuestNet>,
     /// Networking mode.
     pub network: NetworkMode,
     /// Accelerator to use.
@@ -48,6 +53,13 @@ pub struct LaunchSpec {
     pub state_dir: PathBuf,
     /// Hold the disk's lock while running (false only for images marked shareable).
     pub lock_disk: bool,
+    /// `nat` networking: the TAP the supervisor creates before QEMU starts (QEMU attaches
+    /// to it by name), the guest's address and its egress rules.
+    #[serde(default)]
+    pub nat: Option<crate::network::NatPlan>,
+    /// `user` networking with egress denied: QEMU's `restrict=on` (no guest traffic out).
+    #[serde(default)]
+    pub restrict_user_net: bool,
 }
 
 /// Host-side endpoints a backend wires the VM to; the supervisor listens on each.

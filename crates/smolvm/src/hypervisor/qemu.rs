@@ -47,6 +47,11 @@ impl QemuMicrovm {
                 args.push_str(&format!(" tsc_early_khz={khz}"));
             }
         }
+        if let Some(net) = &spec.guest_net {
+            args.push(' ');
+            args.push_str(&net.to_kernel_args());
+        }
+        // Last, so the user's arguments win over ours.
         if let Some(extra) = &spec.extra_boot_args {
             args.push(' ');
             args.push_str(extra);
@@ -143,11 +148,28 @@ impl QemuMicrovm {
         push("rng-random,id=rng0,filename=/dev/urandom");
         push("-device");
         push("virtio-rng-device,rng=rng0");
-        if spec.network == NetworkMode::User {
-            push("-netdev");
-            push("user,id=n0");
-            push("-device");
-            push("virtio-net-device,netdev=n0");
+        match (spec.network, &spec.nat) {
+            (NetworkMode::User, _) => {
+                push("-netdev");
+                // With egress denied, slirp gives the guest no way out at all.
+                push(if spec.restrict_user_net {
+                    "user,id=n0,restrict=on"
+                } else {
+                    "user,id=n0"
+                });
+                push("-device");
+                push("virtio-net-device,netdev=n0");
+            }
+            (NetworkMode::Nat, Some(nat)) => {
+                push("-netdev");
+                push(&format!(
+                    "tap,id=n0,ifname={},script=no,downscript=no",
+                    nat.tap
+                ));
+                push("-device");
+                push("virtio-net-device,netdev=n0");
+            }
+            _ => {}
         }
         a
     }
@@ -180,6 +202,7 @@ mod tests {
             disk: "/d.qcow2".into(),
             disk_format: "qcow2".into(),
             extra_boot_args: None,
+            guest_net: None,
             network: NetworkMode::None,
             accelerator: accel,
             tsc_khz: Some(2_596_132),
@@ -187,6 +210,8 @@ mod tests {
             ready_timeout_secs: 60,
             state_dir: PathBuf::from("/state"),
             lock_disk: true,
+            nat: None,
+            restrict_user_net: false,
         }
     }
 
@@ -194,6 +219,26 @@ mod tests {
     fn tsc_hint_only_under_tcg() {
         assert!(QemuMicrovm::boot_args(&spec(Accelerator::Tcg)).contains("tsc_early_khz=2596132"));
         assert!(!QemuMicrovm::boot_args(&spec(Accelerator::Kvm)).contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn guest_network_goes_on_the_kernel_command_line_before_user_args() {
+        let none = QemuMicrovm::boot_args(&spec(Accelerator::Kvm));
+        assert!(!none.contains("smolvm.ip"), "{none}");
+        let user = LaunchSpec {
+            network: NetworkMode::User,
+            guest_net: Some(smolvm_protocol::boot::GuestNet::user_mode()),
+            extra_boot_args: Some("smolvm.mtu=1400".into()),
+            ..spec(Accelerator::Kvm)
+        };
+        let args = QemuMicrovm::boot_args(&user);
+        assert!(
+            args.ends_with(
+                " smolvm.ip=10.0.2.15/24 smolvm.gw=10.0.2.2 smolvm.dns=10.0.2.3 smolvm.mtu=1500 \
+                 smolvm.mtu=1400"
+            ),
+            "{args}"
+        );
     }
 
     #[test]

@@ -106,6 +106,12 @@ pub fn main(vm_dir: &Path) -> i32 {
     };
     let result = rt.block_on(run(vm_dir, &spec));
     drop(rt);
+    // QEMU is gone (or going: killed when the runtime dropped it): the VM's TAP and rules go.
+    if let Some(nat) = &spec.nat {
+        if let Err(e) = crate::network::teardown(&nat.tap) {
+            tracing::error!(error = %e, "could not remove the VM's network (`smolvm gc` retries)");
+        }
+    }
     match result {
         Ok(()) => 0,
         Err(e) => {
@@ -277,6 +283,11 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
     let console_l = bind(&ep.console)?;
     let qmp_l = bind(&ep.control)?;
     let api_path = vm_dir.join(files::API_SOCK);
+
+    // The TAP must exist before QEMU attaches to it; removed in `main` when we end.
+    if let Some(nat) = &spec.nat {
+        crate::network::setup(nat)?;
+    }
 
     let backend = QemuMicrovm;
     let mut cmd = backend.command(spec, &ep)?;
