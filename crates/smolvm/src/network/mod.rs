@@ -128,16 +128,23 @@ fn has_cap_net_admin() -> bool {
 pub fn setup(plan: &NatPlan) -> Result<()> {
     let t0 = Instant::now();
     enable_forwarding()?;
-    tap::create(&plan.tap)?;
-    let done = (|| {
+    // The rules name the TAP, they do not need it to exist: install them meanwhile.
+    let rules = {
+        let plan = plan.clone();
+        std::thread::spawn(move || nft::apply_vm(&plan))
+    };
+    let link = tap::create(&plan.tap).and_then(|()| {
         let batch = format!(
             "link set dev {tap} up\naddr replace {GATEWAY}/32 dev {tap}\nroute replace {addr}/32 dev {tap} src {GATEWAY}\n",
             tap = plan.tap,
             addr = plan.addr
         );
-        run_tool("ip", &["-batch", "-"], Some(&batch), "iproute2")?;
-        nft::apply(&nft::render_vm(plan))
-    })();
+        run_tool("ip", &["-batch", "-"], Some(&batch), "iproute2").map(|_| ())
+    });
+    let rules = rules
+        .join()
+        .unwrap_or_else(|_| Err(Error::Network("installing the nft rules panicked".into())));
+    let done = link.and(rules);
     if let Err(e) = done {
         let _ = teardown(&plan.tap);
         return Err(e);
@@ -150,11 +157,17 @@ pub fn setup(plan: &NatPlan) -> Result<()> {
 /// Idempotent; both steps are tried even when one fails.
 pub fn teardown(tap: &str) -> Result<()> {
     let t0 = Instant::now();
+    // Both wait for an RCU grace period in the kernel: run them side by side.
+    let rules = crate::util::which("nft").is_some().then(|| {
+        let tap = tap.to_string();
+        std::thread::spawn(move || nft::remove_vm(&tap))
+    });
     let a = tap::delete(tap);
-    let b = if crate::util::which("nft").is_some() {
-        nft::apply(&nft::render_teardown(tap))
-    } else {
-        Ok(())
+    let b = match rules {
+        Some(h) => h
+            .join()
+            .unwrap_or_else(|_| Err(Error::Network("removing the nft rules panicked".into()))),
+        None => Ok(()),
     };
     tracing::info!(%tap, ms = t0.elapsed().as_secs_f64() * 1e3, "nat network removed");
     a.and(b)

@@ -73,6 +73,31 @@ fn match_rule(r: &EgressRule) -> String {
     }
 }
 
+/// Installs the VM's chain and map element. Fast path: the VM's part only (a few ms);
+/// when that fails because our table is not there yet, the base and the VM's part
+/// together, in one transaction.
+pub fn apply_vm(plan: &NatPlan) -> Result<()> {
+    let full = render_vm(plan);
+    // render_vm = render_base + the VM's part; the VM's part alone fails (and changes
+    // nothing) when the table or map is missing, so the base is then never skipped.
+    let vm_part = &full[render_base().len()..];
+    if apply(vm_part).is_ok() {
+        return Ok(());
+    }
+    apply(&full)
+}
+
+/// Removes the VM's map element and chain: the plain deletes first, and when one of them
+/// is already gone, the idempotent form ([`render_teardown`]).
+pub fn remove_vm(tap: &str) -> Result<()> {
+    let plain =
+        format!("delete element {TABLE} {VMAP} {{ \"{tap}\" }}\ndelete chain {TABLE} {tap}\n");
+    if apply(&plain).is_ok() {
+        return Ok(());
+    }
+    apply(&render_teardown(tap))
+}
+
 /// The VM's chain and map element (after [`render_base`]): its own source address only;
 /// `deny_egress` dropped; `allow_egress` accepted (before the default blocks, so an allow
 /// entry can open a private range); DNS to the host's resolvers when egress is allowed;

@@ -88,27 +88,50 @@ pub fn delete(name: &str) -> Result<()> {
         .map_err(|e| Error::Network(format!("cannot delete TAP device {name}: {e}")))
 }
 
-/// Whether the network interface `name` exists.
+/// Whether the network interface `name` exists in this process's network namespace (not
+/// through /sys, which shows the namespace that mounted it).
 pub fn exists(name: &str) -> bool {
-    !name.contains('/') && std::path::Path::new("/sys/class/net").join(name).exists()
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
 /// Whether a process (a QEMU) has the TAP open: the kernel turns its carrier on while one
-/// is attached.
+/// is attached (our TAPs are always up), so the interface is `RUNNING`.
 pub fn attached(name: &str) -> bool {
-    std::fs::read_to_string(format!("/sys/class/net/{name}/carrier")).is_ok_and(|s| s.trim() == "1")
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return false;
+    }
+    // SAFETY: a plain datagram socket, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return false;
+    }
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: 0,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: SIOCGIFFLAGS fills the flags of one `struct ifreq`; fd is ours.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req) };
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    let running = libc::IFF_RUNNING as libc::c_short;
+    rc == 0 && req.flags & running != 0
 }
 
-/// Interfaces whose names start with `prefix`.
+/// Interfaces of this network namespace whose names start with `prefix` (from
+/// /proc/net/dev, which follows the reading process's namespace).
 pub fn list(prefix: &str) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default();
+    let text = std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default();
+    let mut v: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(n, _)| n.trim().to_string()))
+        .filter(|n| n.starts_with(prefix))
+        .collect();
     v.sort();
     v
 }
