@@ -445,9 +445,16 @@ impl Vm {
             ready_timeout_secs,
             state_dir: self.rt.paths().state_dir.clone(),
             lock_disk: !(boot.shareable && rec.config.disk_mode == DiskMode::Shared),
-            guest_net: match rec.config.network {
+            guest_net: match (&nat, rec.config.network) {
+                (Some(n), _) => Some(smolvm_protocol::boot::GuestNet {
+                    addr: n.addr,
+                    prefix: 32,
+                    gateway: crate::network::GATEWAY,
+                    dns: n.dns.clone(),
+                    mtu: crate::network::GUEST_MTU,
+                }),
                 // QEMU's slirp: fixed addresses, the same in every VM.
-                NetworkMode::User => Some(smolvm_protocol::boot::GuestNet::user_mode()),
+                (None, NetworkMode::User) => Some(smolvm_protocol::boot::GuestNet::user_mode()),
                 _ => None,
             },
             restrict_user_net: rec.config.network == NetworkMode::User

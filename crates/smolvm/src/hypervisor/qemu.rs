@@ -216,6 +216,42 @@ mod tests {
     }
 
     #[test]
+    fn nat_attaches_to_its_tap_and_passes_the_guest_address() {
+        let ep = Endpoints {
+            agent: "/a".into(),
+            console: "/c".into(),
+            control: "/q".into(),
+        };
+        let mut s = spec(Accelerator::Tcg);
+        s.network = NetworkMode::Nat;
+        s.nat = Some(crate::network::NatPlan {
+            tap: "smv0002".into(),
+            addr: "172.16.0.2".parse().unwrap(),
+            egress: crate::config::EgressDefault::Allow,
+            allow: vec![],
+            deny: vec![],
+            dns: vec![],
+        });
+        s.guest_net = Some(smolvm_protocol::boot::GuestNet {
+            addr: "172.16.0.2".parse().unwrap(),
+            prefix: 32,
+            gateway: crate::network::GATEWAY,
+            dns: vec![],
+            mtu: 1500,
+        });
+        let a = QemuMicrovm::args(&s, &ep).join(" ");
+        assert!(a.contains("-netdev tap,id=n0,ifname=smv0002,script=no,downscript=no"));
+        assert!(
+            a.contains("smolvm.ip=172.16.0.2/32 smolvm.gw=172.16.0.1"),
+            "{a}"
+        );
+        s.network = NetworkMode::User;
+        s.restrict_user_net = true;
+        let a = QemuMicrovm::args(&s, &ep).join(" ");
+        assert!(a.contains("-netdev user,id=n0,restrict=on"), "{a}");
+    }
+
+    #[test]
     fn tsc_hint_only_under_tcg() {
         assert!(QemuMicrovm::boot_args(&spec(Accelerator::Tcg)).contains("tsc_early_khz=2596132"));
         assert!(!QemuMicrovm::boot_args(&spec(Accelerator::Kvm)).contains("tsc_early_khz"));
