@@ -118,15 +118,16 @@ fn configure_network(params: &BootParams, start: Instant) {
     };
     let t = Instant::now();
     match net::configure_ethernet(&net) {
-        Ok(name) => step(
+        Ok((name, waited)) => step(
             start,
             format_args!(
-                "{name}: {}/{} mtu {}, default via {} ({} us)",
+                "{name}: {}/{} mtu {}, default via {} (found after {} us, configured in {} us)",
                 net.addr,
                 net.prefix,
                 net.mtu,
                 net.gateway,
-                t.elapsed().as_micros()
+                waited.as_micros(),
+                (t.elapsed() - waited).as_micros()
             ),
         ),
         Err(e) => tracing::warn!("network not configured: {e}"),

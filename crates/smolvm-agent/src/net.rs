@@ -37,11 +37,14 @@ pub fn bring_up_loopback() -> Result<()> {
 }
 
 /// Configures the first Ethernet interface (`eth0` in practice) as `net` says, waiting up
-/// to [`ETHERNET_WAIT`] for it to appear. Returns the interface's name.
-pub fn configure_ethernet(net: &GuestNet) -> Result<String> {
+/// to [`ETHERNET_WAIT`] for it to appear. Returns the interface's name and how long it
+/// took to appear.
+pub fn configure_ethernet(net: &GuestNet) -> Result<(String, Duration)> {
+    let start = Instant::now();
     let name = wait_for_ethernet(Path::new(SYS_CLASS_NET), ETHERNET_WAIT)?;
+    let waited = start.elapsed();
     configure_interface(&name, net)?;
-    Ok(name)
+    Ok((name, waited))
 }
 
 /// Waits for an interface named `eth<N>` to appear under `dir` (`/sys/class/net`); returns
