@@ -57,19 +57,22 @@ fn run(cmd: &str, args: &[&str]) {
 }
 
 /// A TCP server that answers every connection with the peer's address and closes.
-const SERVER: &str = "import socket\n\
-s = socket.socket()\n\
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-s.bind(('0.0.0.0', 8080))\n\
-s.listen(64)\n\
-while True:\n\
-    c, a = s.accept()\n\
-    c.sendall(a[0].encode())\n\
-    c.close()\n";
+const SERVER: &str = concat!(
+    "import socket\n",
+    "s = socket.socket()\n",
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n",
+    "s.bind(('0.0.0.0', 8080))\n",
+    "s.listen(64)\n",
+    "while True:\n",
+    "    c, a = s.accept()\n",
+    "    c.sendall(a[0].encode())\n",
+    "    c.close()\n",
+);
 
 /// The simulated internet: a namespace holding the server, joined by veth `nt0`/`nt1`.
+static NET: OnceLock<u32> = OnceLock::new();
+
 fn internet() {
-    static NET: OnceLock<u32> = OnceLock::new();
     NET.get_or_init(|| {
         let mut cmd = Command::new("unshare");
         cmd.args(["--net", "--", "python3", "-c", SERVER])
@@ -82,8 +85,18 @@ fn internet() {
                 Ok(())
             });
         }
-        let child: Child = cmd.spawn().expect("start the internet namespace");
-        let pid = child.id();
+        // PR_SET_PDEATHSIG follows the spawning *thread*: spawn from one that lives as long
+        // as this process.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let child: Child = cmd.spawn().expect("start the internet namespace");
+            let _ = tx.send(child.id());
+            std::mem::forget(child);
+            loop {
+                std::thread::park();
+            }
+        });
+        let pid: u32 = rx.recv().expect("the internet namespace");
         let pid_s = pid.to_string();
         // Wait until the child has its own namespace.
         let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
@@ -123,9 +136,18 @@ fn internet() {
             )
             .is_ok()
         });
-        std::mem::forget(child);
         pid
     });
+}
+
+/// Boots a VM and waits until its eth0 is operational: the guest kernel activates an
+/// interface's queue up to a second after it comes up, and drops what is sent before.
+fn boot_net(config: VmConfig) -> Vm {
+    let vm = boot(config);
+    wait_for(10, "the guest's eth0 to be up", || {
+        sh(&vm, "cat /sys/class/net/eth0/operstate").trim() == "up"
+    });
+    vm
 }
 
 fn nat(egress: EgressDefault, allow: &[&str]) -> VmConfig {
@@ -198,7 +220,7 @@ fn a_guest_reaches_the_internet_through_nat_and_nothing_private() {
     }
     let _g = serial();
     internet();
-    let vm = boot(nat(EgressDefault::Allow, &[]));
+    let vm = boot_net(nat(EgressDefault::Allow, &[]));
     let ip = ip_of(&vm);
     assert!(ip.starts_with("172.16."), "{ip}");
     // The guest's interface carries the address the store recorded.
@@ -234,8 +256,8 @@ fn two_vms_cannot_reach_each_other() {
     }
     let _g = serial();
     internet();
-    let a = boot(nat(EgressDefault::Allow, &[]));
-    let b = boot(nat(EgressDefault::Allow, &[]));
+    let a = boot_net(nat(EgressDefault::Allow, &[]));
+    let b = boot_net(nat(EgressDefault::Allow, &[]));
     let (ipa, ipb) = (ip_of(&a), ip_of(&b));
     assert_ne!(ipa, ipb);
     let serve = format!(
@@ -265,7 +287,7 @@ fn egress_deny_opens_exactly_what_is_allowed() {
     }
     let _g = serial();
     internet();
-    let vm = boot(nat(EgressDefault::Deny, &["203.0.113.1/32"]));
+    let vm = boot_net(nat(EgressDefault::Deny, &["203.0.113.1/32"]));
     assert_eq!(
         fetch(&vm, "203.0.113.1", PORT).as_deref(),
         Some("203.0.113.2")
@@ -273,7 +295,7 @@ fn egress_deny_opens_exactly_what_is_allowed() {
     assert_eq!(fetch(&vm, "203.0.113.5", PORT), None);
     vm.delete().unwrap();
     // Allow by default, one address denied.
-    let vm = boot(VmConfig {
+    let vm = boot_net(VmConfig {
         deny_egress: vec!["203.0.113.5".into()],
         ..nat(EgressDefault::Allow, &[])
     });
@@ -296,7 +318,7 @@ fn an_address_past_the_first_24_has_a_working_route() {
     for p in &placeholders {
         store.allocate_address(p).unwrap();
     }
-    let vm = boot(nat(EgressDefault::Allow, &[]));
+    let vm = boot_net(nat(EgressDefault::Allow, &[]));
     let ip: Ipv4Addr = ip_of(&vm).parse().unwrap();
     assert!(ip.octets()[2] >= 1, "{ip} is in the first /24");
     assert_eq!(
@@ -379,14 +401,14 @@ fn a_started_and_deleted_vm_and_a_crashed_one_leave_nothing() {
     let _g = serial();
     let rt = runtime();
     // Delete of a running VM.
-    let vm = boot(nat(EgressDefault::Allow, &[]));
+    let vm = boot_net(nat(EgressDefault::Allow, &[]));
     let tap = vm.network_info().unwrap().tap.unwrap();
     assert!(smv_links().contains(&tap));
     vm.delete().unwrap();
     assert!(smv_links().is_empty(), "{:?}", smv_links());
     assert!(nft_vm_chains().is_empty(), "{:?}", nft_vm_chains());
     // A supervisor killed: its TAP and chain stay until gc.
-    let vm = boot(nat(EgressDefault::Allow, &[]));
+    let vm = boot_net(nat(EgressDefault::Allow, &[]));
     let tap = vm.network_info().unwrap().tap.unwrap();
     let sup = vm.info().unwrap().supervisor_pid.unwrap();
     // SAFETY: kill(2) of the VM's supervisor, a child of a process we started.
