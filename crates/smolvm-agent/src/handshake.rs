@@ -3,7 +3,9 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::time::{clock_gettime, clock_settime, ClockId};
@@ -18,9 +20,60 @@ const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 /// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
+/// Boot work PID 1 still does while the server starts (the guest's network): the read end
+/// of a pipe whose write end PID 1 closes when that work is done.
+static BOOT_GATE: Mutex<Option<OwnedFd>> = Mutex::new(None);
+/// Longest wait for it: past the 1 s PID 1 may wait for an Ethernet interface.
+const BOOT_GATE_WAIT: Duration = Duration::from_secs(3);
+
+/// Makes the first answer to a Hello wait until the write end of `read_end`'s pipe is
+/// closed (by PID 1, when the guest's network is configured), so the host never sees a
+/// ready guest whose network is not.
+pub fn set_boot_gate(read_end: OwnedFd) {
+    *BOOT_GATE.lock().unwrap_or_else(|p| p.into_inner()) = Some(read_end);
+}
+
+/// Waits for the boot gate, once; later calls return at once. Concurrent callers wait for
+/// the first.
+fn wait_for_boot_gate() {
+    let mut gate = BOOT_GATE.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(fd) = gate.take() else {
+        return;
+    };
+    let deadline = Instant::now() + BOOT_GATE_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for an open descriptor.
+        let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
+        match rc {
+            // End of file (every write end closed): the work is done.
+            1.. => return,
+            0 => {
+                tracing::warn!(
+                    "boot network setup still running after {} ms; answering the host anyway",
+                    BOOT_GATE_WAIT.as_millis()
+                );
+                return;
+            }
+            _ if Errno::last() == Errno::EINTR => continue,
+            _ => {
+                tracing::warn!("waiting for the boot network setup: {}", Errno::last());
+                return;
+            }
+        }
+    }
+}
+
 /// Answers a Hello. With `apply`, it first sets the clock, feeds the entropy to the kernel
-/// and sets the hostname; failures there are logged, not fatal.
+/// and sets the hostname; failures there are logged, not fatal. The first answer waits for
+/// the boot gate (see [`set_boot_gate`]).
 pub fn answer(hello: &Hello, apply: bool) -> GuestMessage {
+    wait_for_boot_gate();
     if hello.protocol_version != PROTOCOL_VERSION {
         return GuestMessage::Error(format!(
             "protocol version mismatch: host speaks {}, agent speaks {PROTOCOL_VERSION}",
@@ -135,6 +188,33 @@ mod tests {
             hostname: String::new(),
             entropy: ByteBuf::from(vec![1, 2, 3]),
         }
+    }
+
+    #[test]
+    fn the_first_answer_waits_for_the_boot_gate_then_none_does() {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two descriptors into a two-element array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors are fresh and ours alone.
+        let (read_end, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        set_boot_gate(read_end);
+        let start = Instant::now();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(write_end);
+        });
+        assert!(matches!(
+            answer(&hello(PROTOCOL_VERSION), false),
+            GuestMessage::Hello(_)
+        ));
+        assert!(start.elapsed() >= Duration::from_millis(100));
+        closer.join().unwrap();
+        // Later answers do not wait.
+        let start = Instant::now();
+        answer(&hello(PROTOCOL_VERSION), false);
+        assert!(start.elapsed() < Duration::from_millis(100));
     }
 
     #[test]

@@ -2,12 +2,13 @@
 //! becomes the reaper. Each step logs one line with the milliseconds since the agent started.
 
 use std::fs::OpenOptions;
-use std::os::fd::IntoRawFd;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::unistd::{fork, ForkResult};
+use smolvm_protocol::boot::GuestNet;
 
 use crate::cli::Options;
 use crate::cmdline::BootParams;
@@ -33,6 +34,17 @@ pub fn run(opts: &Options) -> ! {
     if let Err(e) = early.and_then(|()| boot(&params, start)) {
         reaper::power_off(&format!("boot failed: {e}"));
     }
+    let mut net = guest_net(&params);
+    // The network is configured while the server starts (bringing the interface up and
+    // writing to the root disk take a while under emulation); the server's first answer to
+    // the host waits for it, so a ready guest always has its network.
+    let gate = net.as_ref().and_then(|_| boot_gate());
+    if gate.is_none() {
+        // Nothing to wait on: configure it before the server starts.
+        if let Some(net) = net.take() {
+            configure_network(&net, start);
+        }
+    }
     let cfg = ServerConfig {
         apply_identity: opts.apply_identity,
         state_root: opts.state_root.clone(),
@@ -42,11 +54,20 @@ pub fn run(opts: &Options) -> ! {
     // arbitrary code.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => {
+            if let Some((read_end, write_end)) = gate {
+                drop(write_end);
+                handshake::set_boot_gate(read_end);
+            }
             reaper::unblock_signals();
             std::process::exit(server::run(Endpoint::Port(None), cfg));
         }
         Ok(ForkResult::Parent { child }) => {
             step(start, format_args!("started the server (pid {child})"));
+            if let Some(net) = net {
+                configure_network(&net, start);
+            }
+            // Closing the write end lets the server answer the host.
+            drop(gate);
             // After the server: reading sshd from the disk must not hold up readiness.
             if let Some(pid) = sshd::start_if_enabled() {
                 step(start, format_args!("started sshd (pid {pid})"));
@@ -99,25 +120,44 @@ fn boot(params: &BootParams, start: Instant) -> Result<()> {
         tracing::warn!("{e}");
     }
     step(start, format_args!("hostname {}, lo up", params.hostname));
-    configure_network(params, start);
     Ok(())
 }
 
-/// Configures the first Ethernet interface and `/etc/resolv.conf` as the kernel command
-/// line says (nothing without `smolvm.ip`). Never fatal: commands reach the guest through
-/// the agent channel whatever happens to its network, so a failure is logged and boot
-/// goes on.
-fn configure_network(params: &BootParams, start: Instant) {
-    let net = match params.guest_net() {
-        Ok(Some(net)) => net,
-        Ok(None) => return,
+/// The network configuration on the kernel command line; `None` without `smolvm.ip`, and
+/// (logged) when a parameter is malformed.
+fn guest_net(params: &BootParams) -> Option<GuestNet> {
+    match params.guest_net() {
+        Ok(net) => net,
         Err(e) => {
             tracing::warn!("network not configured: {e}");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// A close-on-exec pipe (read end, write end) for the server to wait on; `None` (logged)
+/// when the kernel refuses one.
+fn boot_gate() -> Option<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors into a two-element array.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    if rc != 0 {
+        tracing::warn!(
+            "cannot make a pipe ({}); configuring the network before starting the server",
+            nix::errno::Errno::last()
+        );
+        return None;
+    }
+    // SAFETY: both descriptors are fresh and ours alone.
+    Some(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Configures the first Ethernet interface and `/etc/resolv.conf` as `net` says. Never
+/// fatal: commands reach the guest through the agent channel whatever happens to its
+/// network, so a failure is logged and boot goes on.
+fn configure_network(net: &GuestNet, start: Instant) {
     let t = Instant::now();
-    match net::configure_ethernet(&net) {
+    match net::configure_ethernet(net) {
         Ok((name, waited)) => step(
             start,
             format_args!(
