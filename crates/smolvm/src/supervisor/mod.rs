@@ -107,7 +107,12 @@ pub fn main(vm_dir: &Path) -> i32 {
     let result = rt.block_on(run(vm_dir, &spec));
     drop(rt);
     // QEMU is gone (or going: killed when the runtime dropped it): the VM's TAP and rules go.
-    if let Some(nat) = &spec.nat {
+    // (Already done when the VM was deleted here: its TAP is gone then.)
+    if let Some(nat) = spec
+        .nat
+        .as_ref()
+        .filter(|n| crate::network::tap::exists(&n.tap))
+    {
         if let Err(e) = crate::network::teardown(&nat.tap) {
             tracing::error!(error = %e, "could not remove the VM's network (`smolvm gc` retries)");
         }
