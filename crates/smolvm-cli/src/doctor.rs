@@ -80,6 +80,18 @@ pub fn run() -> Result<i32> {
             .is_err()
             .then(|| "modprobe tun (needed for nat networking only)".to_string()),
     });
+    let nat = smolvm::network::nat_available();
+    checks.push(Check {
+        name: "network",
+        ok: nat.is_ok(),
+        detail: match &nat {
+            Ok(()) => "nat available: VMs get a TAP, an address from 172.16.0.0/16 and an egress policy (the default)".into(),
+            Err(why) => format!("nat unavailable ({why}): VMs default to user-mode networking (no egress lists; the guest can reach the host's loopback through 10.0.2.2)"),
+        },
+        fix: nat
+            .is_err()
+            .then(|| "run as root (or with CAP_NET_ADMIN) with nftables and iproute2 installed".to_string()),
+    });
     let paths = smolvm::Paths::from_env();
     let free = free_mib(&paths.images_dir);
     checks.push(Check {
@@ -116,7 +128,7 @@ pub fn run() -> Result<i32> {
     for c in &checks {
         let mark = if c.ok {
             "ok  "
-        } else if c.name == "kvm" || c.name == "nft" || c.name == "tun" {
+        } else if matches!(c.name, "kvm" | "nft" | "tun" | "network") {
             "warn"
         } else {
             "FAIL"

@@ -430,3 +430,99 @@ fn a_started_and_deleted_vm_and_a_crashed_one_leave_nothing() {
     let store = smolvm::store::Store::open(&rt.paths().db_path()).unwrap();
     assert!(store.addresses().unwrap().is_empty());
 }
+
+#[test]
+fn user_mode_cannot_filter_but_egress_deny_cuts_it_off() {
+    if !private_namespace() {
+        return;
+    }
+    let _g = serial();
+    internet();
+    let user = VmConfig {
+        network: NetworkMode::User,
+        ..small()
+    };
+    // Documented: slirp cannot filter, so the host's own services answer at 10.0.2.2.
+    let vm = boot_net(user.clone());
+    assert_eq!(fetch(&vm, "10.0.2.2", HOST_PORT).as_deref(), Some("host"));
+    vm.delete().unwrap();
+    // egress deny is QEMU's restrict=on: nothing at all leaves the guest.
+    let vm = boot_net(VmConfig {
+        egress: EgressDefault::Deny,
+        ..user
+    });
+    assert_eq!(fetch(&vm, "10.0.2.2", HOST_PORT), None);
+    vm.delete().unwrap();
+}
+
+#[test]
+fn cli_flags_reach_the_config_and_inspect_and_ls_show_the_network() {
+    if !private_namespace() {
+        return;
+    }
+    let _g = serial();
+    let out = cli(&[
+        "create",
+        "--no-start",
+        "--network",
+        "nat",
+        "--egress",
+        "deny",
+        "--allow",
+        "203.0.113.9/24:443",
+        "--deny",
+        "203.0.113.7",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let inspect: serde_json::Value =
+        serde_json::from_slice(&cli(&["inspect", &id]).stdout).unwrap();
+    let net = &inspect["network"];
+    assert_eq!(net["mode"], "nat", "{net}");
+    assert_eq!(net["egress"], "deny", "{net}");
+    assert_eq!(net["allow_egress"][0], "203.0.113.0/24:443", "{net}");
+    assert_eq!(net["deny_egress"][0], "203.0.113.7", "{net}");
+    let ip = net["ip"].as_str().unwrap().to_string();
+    assert!(ip.starts_with("172.16."), "{net}");
+    let rules = net["rules"].as_str().unwrap();
+    assert!(
+        rules.contains("ip daddr 203.0.113.0/24 meta l4proto { tcp, udp } th dport 443 accept"),
+        "{rules}"
+    );
+    let ls = String::from_utf8_lossy(&cli(&["ls"]).stdout).to_string();
+    assert!(ls.contains(&ip), "{ls}");
+    // Bad entries and lists in user mode are usage errors (exit 2) naming the field.
+    for (args, want) in [
+        (
+            &["create", "--no-start", "--allow", "nope"][..],
+            "allow_egress",
+        ),
+        (
+            &[
+                "create",
+                "--no-start",
+                "--network",
+                "user",
+                "--deny",
+                "1.2.3.4",
+            ][..],
+            "need network nat",
+        ),
+        (
+            &["create", "--no-start", "--egress", "maybe"][..],
+            "allow, deny",
+        ),
+    ] {
+        let out = cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert!(cli(&["rm", &id]).status.success());
+    let store = smolvm::store::Store::open(&runtime().paths().db_path()).unwrap();
+    assert!(store.addresses().unwrap().is_empty());
+}
