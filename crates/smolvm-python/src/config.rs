@@ -26,6 +26,9 @@ pub const FIELDS: &[&str] = &[
     "retain_disk_on_delete",
     "env_vars",
     "network",
+    "egress",
+    "allow_egress",
+    "deny_egress",
 ];
 
 fn bad(py: Python<'_>, field: &'static str, v: &Bound<'_, PyAny>, allowed: &str) -> PyErr {
@@ -49,6 +52,22 @@ fn string(py: Python<'_>, field: &'static str, v: &Bound<'_, PyAny>) -> PyResult
     }
     v.extract::<String>()
         .map_err(|_| bad(py, field, v, "a valid UTF-8 string"))
+}
+
+fn strings(py: Python<'_>, field: &'static str, v: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    if v.is_instance_of::<PyString>() {
+        return Err(bad(
+            py,
+            field,
+            v,
+            "a list of strings (CIDR or CIDR:PORT), not one string",
+        ));
+    }
+    let items: Vec<Bound<'_, PyAny>> = v
+        .try_iter()
+        .map_err(|_| bad(py, field, v, "a list of strings (CIDR or CIDR:PORT)"))?
+        .collect::<PyResult<_>>()?;
+    items.iter().map(|i| string(py, field, i)).collect()
 }
 
 fn int<T: for<'a> FromPyObject<'a>>(
@@ -105,6 +124,9 @@ pub fn from_dict(py: Python<'_>, fields: &Bound<'_, PyDict>) -> PyResult<VmConfi
                 c.disk_mode = string(py, field, &v)?.parse().map_err(|e| to_py(py, e))?
             }
             "network" => c.network = string(py, field, &v)?.parse().map_err(|e| to_py(py, e))?,
+            "egress" => c.egress = string(py, field, &v)?.parse().map_err(|e| to_py(py, e))?,
+            "allow_egress" => c.allow_egress = strings(py, field, &v)?,
+            "deny_egress" => c.deny_egress = strings(py, field, &v)?,
             "disk_size_mib" => c.disk_size_mib = Some(int(py, field, &v)?),
             "retain_disk_on_delete" => {
                 if !v.is_instance_of::<PyBool>() {
@@ -156,6 +178,9 @@ pub fn to_dict<'py>(py: Python<'py>, c: &VmConfig) -> PyResult<Bound<'py, PyDict
     d.set_item("retain_disk_on_delete", c.retain_disk_on_delete)?;
     d.set_item("env_vars", c.env_vars.clone())?;
     d.set_item("network", c.network.to_string())?;
+    d.set_item("egress", c.egress.to_string())?;
+    d.set_item("allow_egress", c.allow_egress.clone())?;
+    d.set_item("deny_egress", c.deny_egress.clone())?;
     Ok(d)
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import os
 
 from . import _native
@@ -36,7 +36,11 @@ class VMConfig:
     ``mem_size_mib`` (128-16384, default 512), ``image`` (default ``"default"``),
     ``kernel_path``, ``initrd_path``, ``rootfs_path``, ``boot_args``, ``disk_mode``
     (``"isolated"`` or ``"shared"``), ``disk_size_mib``, ``disk_path``,
-    ``retain_disk_on_delete``, ``env_vars`` (dict), ``network`` (``"none"`` or ``"user"``).
+    ``retain_disk_on_delete``, ``env_vars`` (dict), ``network`` (``"auto"``: ``"nat"`` when
+    this process may create TAP devices, else ``"user"``; or ``"none"``), ``egress``
+    (``"allow"`` or ``"deny"``: the default for outside addresses), ``allow_egress`` and
+    ``deny_egress`` (lists of ``"CIDR"`` or ``"CIDR:PORT"``; ``nat`` only). Link-local, private
+    ranges and the host itself are blocked unless an ``allow_egress`` entry opens them.
     """
 
     __slots__ = ("_fields",)
@@ -57,6 +61,9 @@ class VMConfig:
         retain_disk_on_delete: Optional[bool] = None,
         env_vars: Optional[Mapping[str, str]] = None,
         network: Optional[str] = None,
+        egress: Optional[str] = None,
+        allow_egress: Optional[Sequence[str]] = None,
+        deny_egress: Optional[Sequence[str]] = None,
     ) -> None:
         given = dict(
             vm_id=vm_id,
@@ -73,6 +80,9 @@ class VMConfig:
             retain_disk_on_delete=retain_disk_on_delete,
             env_vars=dict(env_vars) if isinstance(env_vars, Mapping) else env_vars,
             network=network,
+            egress=egress,
+            allow_egress=list(allow_egress) if isinstance(allow_egress, (list, tuple)) else allow_egress,
+            deny_egress=list(deny_egress) if isinstance(deny_egress, (list, tuple)) else deny_egress,
         )
         object.__setattr__(self, "_fields", _native.validate_config(given))
 

@@ -154,8 +154,8 @@ class SmolVM:
         return self._ssh_key_path
 
     def get_ip(self) -> Optional[str]:
-        """The guest's address on its network, or None when it has none that the host
-        assigned (network ``none``/``user``)."""
+        """The guest's address on its network (``nat``: its own 172.16.x.y; ``user``:
+        10.0.2.15 behind QEMU's NAT), or None with network ``none``."""
         ip: Optional[str] = self._native.info()["ip"]
         return ip
 
