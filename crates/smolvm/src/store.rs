@@ -367,15 +367,7 @@ impl Store {
             rusqlite::TransactionBehavior::Immediate,
         )
         .map_err(db_err("allocating an address"))?;
-        let mine: Option<String> = tx
-            .query_row(
-                "SELECT ip FROM addresses WHERE vm_id=?1",
-                params![vm_id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db_err("reading addresses"))?;
-        if let Some(ip) = mine.and_then(|s| s.parse::<Ipv4Addr>().ok()) {
+        if let Some(ip) = address_in(&tx, vm_id)? {
             return Ok(ip);
         }
         let mut used: Vec<u32> = {
@@ -415,16 +407,7 @@ impl Store {
 
     /// The `nat` address allocated to `vm_id`, if any.
     pub fn address_of(&self, vm_id: &str) -> Result<Option<Ipv4Addr>> {
-        let ip: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT ip FROM addresses WHERE vm_id=?1",
-                params![vm_id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db_err("reading addresses"))?;
-        Ok(ip.and_then(|s| s.parse().ok()))
+        address_in(&self.conn, vm_id)
     }
 
     /// Every allocated address with its VM's id, by address.
@@ -634,6 +617,19 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
         ip: r.get(14)?,
         stopped_at: r.get(15)?,
     })
+}
+
+/// The address recorded for `vm_id` on `conn` (a connection or an open transaction).
+fn address_in(conn: &rusqlite::Connection, vm_id: &str) -> Result<Option<Ipv4Addr>> {
+    let ip: Option<String> = conn
+        .query_row(
+            "SELECT ip FROM addresses WHERE vm_id=?1",
+            params![vm_id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db_err("reading addresses"))?;
+    Ok(ip.and_then(|s| s.parse().ok()))
 }
 
 #[cfg(test)]
