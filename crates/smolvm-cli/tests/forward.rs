@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{boot, cli, sh, small, wait_for};
 use smolvm::{ExecOptions, Vm};
 
-/// Starts `python3 -m http.server` on the guest's 127.0.0.1:8000, serving /root/www, the way
+/// Starts `python3 -m http.server` on the guest's 127.0.0.1:8000, serving /srv/www, the way
 /// a user would: a background process left by `smolvm exec`.
 fn start_http_server(id: &str) {
     let out = cli(&[
@@ -21,7 +21,7 @@ fn start_http_server(id: &str) {
         "--",
         "sh",
         "-c",
-        "mkdir -p /root/www && cd /root/www && \
+        "mkdir -p /srv/www && cd /srv/www && \
          nohup python3 -m http.server 8000 --bind 127.0.0.1 >/tmp/http.log 2>&1 &",
     ]);
     assert!(
@@ -194,11 +194,11 @@ while True:
 "#;
 
 fn start_sha_server(vm: &Vm) {
-    vm.write_file("/root/sha_server.py", SHA_SERVER.as_bytes(), None)
+    vm.write_file("/srv/sha_server.py", SHA_SERVER.as_bytes(), None)
         .unwrap();
     let out = vm
         .exec(&ExecOptions::shell(
-            "nohup python3 /root/sha_server.py >/tmp/sha.log 2>&1 &",
+            "nohup python3 /srv/sha_server.py >/tmp/sha.log 2>&1 &",
         ))
         .unwrap();
     assert_eq!(out.exit_code, Some(0));
@@ -231,7 +231,7 @@ fn a_forward_serves_http_and_a_mebibyte_each_way_without_a_network() {
     let port = expose(&id, "8000");
     wait_http(port);
 
-    sh(&vm, "cd /root/www && echo hello > hello.txt");
+    sh(&vm, "cd /srv/www && echo hello > hello.txt");
     let r = http_get(port, "/").unwrap();
     assert!(r.status.contains("200"), "{}", r.status);
     let listing = String::from_utf8_lossy(&r.body);
@@ -248,7 +248,7 @@ fn a_forward_serves_http_and_a_mebibyte_each_way_without_a_network() {
     // A MiB from the guest, intact.
     let guest_sum = sh(
         &vm,
-        "cd /root/www && head -c 1048576 /dev/urandom > blob && sha256sum blob",
+        "cd /srv/www && head -c 1048576 /dev/urandom > blob && sha256sum blob",
     );
     let r = http_get(port, "/blob").unwrap();
     assert_eq!(r.body.len(), 1 << 20);

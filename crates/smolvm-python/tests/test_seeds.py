@@ -65,13 +65,13 @@ def test_disk_modes_and_resource_config():
     config = VMConfig(disk_mode="isolated", retain_disk_on_delete=True)
     vm = SmolVM(config, **SMALL)
     vm.start()
-    vm.run("echo kept > /root/state.txt && sync")
+    vm.run("echo kept > ~/state.txt && sync")
     kept = vm.delete()
     try:
         assert kept and os.path.exists(kept)
         again = SmolVM(disk_path=kept, **SMALL)
         with again:
-            assert again.run("cat /root/state.txt").output == "kept"
+            assert again.run("cat ~/state.txt").output == "kept"
     finally:
         os.remove(kept)
         note = os.path.splitext(kept)[0] + ".json"
