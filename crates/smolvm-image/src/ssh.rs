@@ -59,8 +59,22 @@ pub const HOST_KEY_PATH: &str = "/etc/ssh/ssh_host_ed25519_key";
 /// The SSH server in the guest (Debian's `openssh-server`, part of the base packages).
 const SSHD_PATH: &str = "/usr/sbin/sshd";
 
+/// Root's home directory inside the guest (a guest path; the agent runs commands with
+/// `HOME` set to it). A macro so the paths below are built from it at compile time.
+macro_rules! guest_root_home {
+    () => {
+        "/root"
+    };
+}
+
+/// Root's home directory inside the guest.
+pub const GUEST_ROOT_HOME: &str = guest_root_home!();
+
+/// Root's SSH directory inside the guest.
+pub const GUEST_SSH_DIR: &str = concat!(guest_root_home!(), "/.ssh");
+
 /// Where root's authorized key goes in the guest.
-pub const AUTHORIZED_KEYS_PATH: &str = "/root/.ssh/authorized_keys";
+pub const AUTHORIZED_KEYS_PATH: &str = concat!(guest_root_home!(), "/.ssh/authorized_keys");
 
 /// The sshd configuration smolvm adds (`sshd_config` includes `sshd_config.d/*.conf`).
 pub const SSHD_CONFIG_PATH: &str = "/etc/ssh/sshd_config.d/smolvm.conf";
@@ -83,8 +97,8 @@ const SSH_BUILDER_VERSION: u32 = 1;
 
 /// Directories made (when missing) and set to root-owned with these modes.
 const DIRS: &[(&str, u32)] = &[
-    ("/root", 0o700),
-    ("/root/.ssh", 0o700),
+    (GUEST_ROOT_HOME, 0o700),
+    (GUEST_SSH_DIR, 0o700),
     ("/etc/ssh", 0o755),
     ("/etc/ssh/sshd_config.d", 0o755),
     ("/etc/smolvm", 0o755),

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use smolvm_image::ssh::{AUTHORIZED_KEYS_PATH, GUEST_ROOT_HOME, GUEST_SSH_DIR};
 use smolvm_image::{build_ssh_image, ensure_ssh_key, ImageError, KNOWN_HOSTS_FILE};
 
 /// A temporary images directory whose `default` holds links to the real default image.
@@ -122,10 +123,7 @@ fn derived_image_holds_the_keys_with_their_modes_and_is_stable() {
     assert_eq!(image.dir, dir.join("sshbox"));
 
     // The files, their contents and modes, all root's.
-    assert_eq!(
-        cat(rootfs, "/root/.ssh/authorized_keys"),
-        format!("{key}\n")
-    );
+    assert_eq!(cat(rootfs, AUTHORIZED_KEYS_PATH), format!("{key}\n"));
     assert_eq!(
         cat(rootfs, "/etc/ssh/sshd_config.d/smolvm.conf"),
         smolvm_image::ssh::SSHD_CONFIG
@@ -134,9 +132,9 @@ fn derived_image_holds_the_keys_with_their_modes_and_is_stable() {
         cat(rootfs, "/etc/ssh/sshd_config.d/smolvm.conf").contains("PasswordAuthentication no\n")
     );
     for (path, kind, mode) in [
-        ("/root", "directory", 0o700),
-        ("/root/.ssh", "directory", 0o700),
-        ("/root/.ssh/authorized_keys", "regular", 0o600),
+        (GUEST_ROOT_HOME, "directory", 0o700),
+        (GUEST_SSH_DIR, "directory", 0o700),
+        (AUTHORIZED_KEYS_PATH, "regular", 0o600),
         ("/etc/ssh/ssh_host_ed25519_key", "regular", 0o600),
         ("/etc/ssh/ssh_host_ed25519_key.pub", "regular", 0o644),
         ("/etc/ssh/sshd_config.d/smolvm.conf", "regular", 0o644),
@@ -228,7 +226,7 @@ fn derived_image_holds_the_keys_with_their_modes_and_is_stable() {
     );
     fsck_clean(&grown.rootfs);
     assert_eq!(
-        cat(&grown.rootfs, "/root/.ssh/authorized_keys"),
+        cat(&grown.rootfs, AUTHORIZED_KEYS_PATH),
         format!("{other}\n")
     );
     assert_eq!(
