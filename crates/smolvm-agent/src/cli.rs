@@ -15,12 +15,13 @@ usage: smolvm-agent                         as PID 1 (/init of the guest): boot,
 options:
   --port DEVICE      serve on this character device instead of looking up the port
                      named org.smolvm.agent under /sys/class/virtio-ports (implies --serve)
-  --apply-identity   let the host's Hello set the clock, hostname and entropy pool
-                     (always on as PID 1; off by default elsewhere, to leave a
-                     development host alone)
+  --apply-identity   let the host's Hello set the clock, hostname and entropy pool,
+                     and its Network request the network (always on as PID 1; off by
+                     default elsewhere, to leave a development host alone)
   --root DIR         keep the persistent environment under DIR instead of /
-                     (DIR/etc/smolvm/env, DIR/etc/profile.d/smolvm_env.sh); with
-                     --listen-unix, so tests leave the machine's /etc alone
+                     (DIR/etc/smolvm/env, DIR/etc/profile.d/smolvm_env.sh), and look
+                     for DIR/sys/class/net and write DIR/etc/resolv.conf on Network;
+                     with --listen-unix, so tests leave the machine's /etc alone
   --log LEVEL        error, warn, info (default), debug or trace; also SMOLVM_AGENT_LOG,
                      or smolvm.log= on the kernel command line as PID 1
   -h, --help         print this help

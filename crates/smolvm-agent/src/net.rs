@@ -2,8 +2,13 @@
 //! as the host describes it on the kernel command line (`smolvm.ip`, `smolvm.gw`,
 //! `smolvm.dns`, `smolvm.mtu`; see `smolvm_protocol::boot`).
 //!
-//! Everything is done with ioctls on an `AF_INET` socket: the agent is one static binary
-//! and cannot count on an `ip` binary in the guest.
+//! A guest restored from a snapshot gets a new identity from the host's
+//! `HostMessage::Network` ([`reconfigure_ethernet`]): the same configuration, replacing
+//! whatever addresses, routes and neighbours the interface had.
+//!
+//! Everything is done with ioctls on an `AF_INET` socket (and, to list routes and
+//! neighbours, `/proc`): the agent is one static binary and cannot count on an `ip` binary
+//! in the guest.
 
 use std::ffi::CString;
 use std::fs::{self, OpenOptions};
@@ -45,6 +50,47 @@ pub fn configure_ethernet(net: &GuestNet) -> Result<(String, Duration)> {
     let waited = start.elapsed();
     configure_interface(&name, net)?;
     Ok((name, waited))
+}
+
+/// Gives the first Ethernet interface found under `sys_class_net` (`/sys/class/net`) the
+/// configuration `net`, replacing what it had (see [`reconfigure_interface`]), and writes
+/// `resolv_conf` (`/etc/resolv.conf`) when `net` names DNS servers. Waits up to
+/// [`ETHERNET_WAIT`] for the interface. Returns its name.
+///
+/// This answers the host's `Network` request, sent to a guest restored from a snapshot
+/// whose network configuration is the snapshot's.
+pub fn reconfigure_ethernet(
+    sys_class_net: &Path,
+    resolv_conf: &Path,
+    net: &GuestNet,
+) -> Result<String> {
+    net.validate()?;
+    let name = wait_for_ethernet(sys_class_net, ETHERNET_WAIT)?;
+    reconfigure_interface(&name, net)?;
+    if !net.dns.is_empty() {
+        write_resolv_conf(resolv_conf, &net.dns)?;
+    }
+    Ok(name)
+}
+
+/// Configures interface `name` as [`configure_interface`] does, after removing what it had:
+/// every IPv4 address (the kernel then drops the routes through it and its neighbour table),
+/// any IPv4 route still through it, and every neighbour (ARP) entry on it and for the new
+/// gateway, whose link-layer address may have changed (a restored guest's host side is a
+/// new device with a new MAC address). Applying the same configuration again succeeds.
+pub fn reconfigure_interface(name: &str, net: &GuestNet) -> Result<()> {
+    let ctl = IfControl::open()?;
+    ctl.remove_addresses(name)?;
+    for route in routes_through(name)? {
+        ctl.delete_route(&route, name)?;
+    }
+    for addr in neighbours_on(name)?
+        .into_iter()
+        .chain(std::iter::once(net.gateway))
+    {
+        ctl.forget_neighbour(addr, name)?;
+    }
+    configure_interface(name, net)
 }
 
 /// Waits for an interface named `eth<N>` to appear under `dir` (`/sys/class/net`); returns
@@ -105,6 +151,76 @@ pub fn configure_interface(name: &str, net: &GuestNet) -> Result<()> {
     }
     ctl.add_route(&default_route(net.gateway), name, "the default route")?;
     Ok(())
+}
+
+/// The kernel's IPv4 routes (main table) of this thread's network namespace.
+const PROC_ROUTE: &str = "/proc/thread-self/net/route";
+/// The kernel's ARP table of this thread's network namespace.
+const PROC_ARP: &str = "/proc/thread-self/net/arp";
+/// Most addresses removed from one interface before giving up (a guard against a kernel
+/// that would not remove them, never reached in practice).
+const MAX_ADDRESSES: usize = 256;
+
+/// One line of [`PROC_ROUTE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Route {
+    dst: Ipv4Addr,
+    gateway: Ipv4Addr,
+    mask: Ipv4Addr,
+    flags: u16,
+    metric: u32,
+}
+
+/// The IPv4 routes through interface `name`, from [`PROC_ROUTE`].
+fn routes_through(name: &str) -> Result<Vec<Route>> {
+    let text = fs::read_to_string(PROC_ROUTE)
+        .map_err(|e| AgentError::io(format!("read {PROC_ROUTE}"), e))?;
+    Ok(parse_routes(&text, name))
+}
+
+/// The routes through `dev` in the text of `/proc/net/route` (lines it cannot read are
+/// skipped). Addresses are printed as the hex of the raw 32-bit word, in host byte order.
+fn parse_routes(text: &str, dev: &str) -> Vec<Route> {
+    let word = |s: &str| u32::from_str_radix(s, 16).ok();
+    let addr = |s: &str| word(s).map(|w| Ipv4Addr::from(w.to_ne_bytes()));
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 || f[0] != dev {
+                return None;
+            }
+            Some(Route {
+                dst: addr(f[1])?,
+                gateway: addr(f[2])?,
+                flags: u16::from_str_radix(f[3], 16).ok()?,
+                metric: f[6].parse().ok()?,
+                mask: addr(f[7])?,
+            })
+        })
+        .collect()
+}
+
+/// The addresses with a neighbour (ARP) entry on interface `name`, from [`PROC_ARP`].
+fn neighbours_on(name: &str) -> Result<Vec<Ipv4Addr>> {
+    let text =
+        fs::read_to_string(PROC_ARP).map_err(|e| AgentError::io(format!("read {PROC_ARP}"), e))?;
+    Ok(parse_neighbours(&text, name))
+}
+
+/// The addresses with an entry on `dev` in the text of `/proc/net/arp` (address first,
+/// device last on each line).
+fn parse_neighbours(text: &str, dev: &str) -> Vec<Ipv4Addr> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 2 || f.last() != Some(&dev) {
+                return None;
+            }
+            f[0].parse().ok()
+        })
+        .collect()
 }
 
 /// Writes `/etc/resolv.conf` (or `path`) atomically, mode 0644, naming `servers`.
@@ -218,24 +334,122 @@ impl IfControl {
         )
     }
 
+    /// The first IPv4 address of `name`; `None` when it has none.
+    fn first_addr(&self, name: &str) -> Result<Option<Ipv4Addr>> {
+        let mut req = ifreq(name)?;
+        // SAFETY: the socket is open and `req` is a valid ifreq; the kernel writes the
+        // address into the ifreq.
+        let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), libc::SIOCGIFADDR, &mut req) };
+        match Errno::result(rc) {
+            // SAFETY: SIOCGIFADDR filled the address member of the union.
+            Ok(_) => Ok(Some(inet_addr(unsafe { &req.ifr_ifru.ifru_addr }))),
+            Err(Errno::EADDRNOTAVAIL) => Ok(None),
+            Err(e) => Err(AgentError::sys(format!("read the address of {name}"), e)),
+        }
+    }
+
+    /// Removes every IPv4 address of `name` (setting 0.0.0.0 removes the first one). When
+    /// the last one goes, the kernel drops the routes through `name` and its neighbours.
+    fn remove_addresses(&self, name: &str) -> Result<()> {
+        for _ in 0..MAX_ADDRESSES {
+            let Some(addr) = self.first_addr(name)? else {
+                return Ok(());
+            };
+            let mut req = ifreq(name)?;
+            req.ifr_ifru.ifru_addr = sockaddr(Ipv4Addr::UNSPECIFIED);
+            self.call(
+                libc::SIOCSIFADDR,
+                &mut req,
+                format!("remove the address {addr} of {name}"),
+            )?;
+        }
+        Err(AgentError::sys(
+            format!("remove the addresses of {name} (still some after {MAX_ADDRESSES})"),
+            Errno::EBUSY,
+        ))
+    }
+
+    /// Deletes `route` (as listed by the kernel) through interface `dev`; one that is gone
+    /// already is fine.
+    fn delete_route(&self, route: &Route, dev: &str) -> Result<()> {
+        let flags = route.flags & (libc::RTF_UP | libc::RTF_GATEWAY | libc::RTF_HOST);
+        let mut rt = rtentry(route.dst, route.gateway, route.mask, flags);
+        // The kernel reads `rt_metric - 1` as the priority to match; 0 matches any.
+        rt.rt_metric = route
+            .metric
+            .checked_add(1)
+            .and_then(|m| libc::c_short::try_from(m).ok())
+            .unwrap_or(0);
+        let what = format!(
+            "delete the route to {}/{} via {} on {dev}",
+            route.dst,
+            u32::from(route.mask).leading_ones(),
+            route.gateway
+        );
+        match self.route_ioctl(libc::SIOCDELRT, &rt, dev, &what) {
+            Err(AgentError::Sys {
+                source: Errno::ESRCH,
+                ..
+            }) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Drops the neighbour (ARP) entry for `addr` on interface `dev`; none is fine.
+    fn forget_neighbour(&self, addr: Ipv4Addr, dev: &str) -> Result<()> {
+        let name = interface_name(dev)?;
+        // SAFETY: arpreq is plain old data; all-zero is a valid value.
+        let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
+        req.arp_pa = sockaddr(addr);
+        for (dst, src) in req.arp_dev.iter_mut().zip(name.as_bytes_with_nul()) {
+            *dst = *src as libc::c_char;
+        }
+        // SAFETY: the socket is open and `req` is a valid arpreq; the kernel only reads it.
+        let rc = unsafe {
+            libc::ioctl(
+                self.0.as_raw_fd(),
+                libc::SIOCDARP,
+                &req as *const libc::arpreq,
+            )
+        };
+        match Errno::result(rc) {
+            Ok(_) | Err(Errno::ENXIO) => Ok(()),
+            Err(e) => Err(AgentError::sys(
+                format!("forget the neighbour {addr} on {dev}"),
+                e,
+            )),
+        }
+    }
+
     /// Adds `route` through interface `dev`; a route that already exists is fine.
     fn add_route(&self, route: &libc::rtentry, dev: &str, what: &str) -> Result<()> {
+        match self.route_ioctl(libc::SIOCADDRT, route, dev, &format!("add {what}")) {
+            Err(AgentError::Sys {
+                source: Errno::EEXIST,
+                ..
+            }) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Runs a route ioctl (`SIOCADDRT`, `SIOCDELRT`) for `route` through interface `dev`.
+    fn route_ioctl(
+        &self,
+        request: libc::c_ulong,
+        route: &libc::rtentry,
+        dev: &str,
+        what: &str,
+    ) -> Result<()> {
         let dev = interface_name(dev)?;
         let mut route = *route;
         route.rt_dev = dev.as_ptr() as *mut libc::c_char;
         // SAFETY: the socket is open, `route` is a valid rtentry and `rt_dev` points to a
         // NUL-terminated name that outlives the call; the kernel only reads them.
-        let rc = unsafe {
-            libc::ioctl(
-                self.0.as_raw_fd(),
-                libc::SIOCADDRT,
-                &route as *const libc::rtentry,
-            )
-        };
-        match Errno::result(rc) {
-            Ok(_) | Err(Errno::EEXIST) => Ok(()),
-            Err(e) => Err(AgentError::sys(format!("add {what}"), e)),
-        }
+        let rc =
+            unsafe { libc::ioctl(self.0.as_raw_fd(), request, &route as *const libc::rtentry) };
+        Errno::result(rc)
+            .map(drop)
+            .map_err(|e| AgentError::sys(what, e))
     }
 }
 
@@ -270,6 +484,19 @@ fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
         sa_family: libc::AF_INET as libc::sa_family_t,
         sa_data: data,
     }
+}
+
+/// The IPv4 address in a generic `sockaddr` the kernel filled (0.0.0.0 for another family).
+fn inet_addr(sa: &libc::sockaddr) -> Ipv4Addr {
+    if sa.sa_family != libc::AF_INET as libc::sa_family_t {
+        return Ipv4Addr::UNSPECIFIED;
+    }
+    Ipv4Addr::new(
+        sa.sa_data[2] as u8,
+        sa.sa_data[3] as u8,
+        sa.sa_data[4] as u8,
+        sa.sa_data[5] as u8,
+    )
 }
 
 /// An all-zero rtentry (no device yet).
@@ -435,6 +662,74 @@ mod tests {
         assert!(err.to_string().contains("resolv.conf"), "{err}");
     }
 
+    #[test]
+    fn parses_the_kernels_route_and_arp_tables() {
+        let routes =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth0\t00000000\t0100A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+            eth1\t00000000\t0102000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+            eth0\t0100A8C0\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n\
+            eth0\tgarbage\n";
+        let on_eth0 = parse_routes(routes, "eth0");
+        let host = |a, b, c, d| Ipv4Addr::new(a, b, c, d);
+        assert_eq!(
+            on_eth0,
+            [
+                Route {
+                    dst: Ipv4Addr::UNSPECIFIED,
+                    gateway: host(192, 168, 0, 1),
+                    mask: Ipv4Addr::UNSPECIFIED,
+                    flags: libc::RTF_UP | libc::RTF_GATEWAY,
+                    metric: 100,
+                },
+                Route {
+                    dst: host(192, 168, 0, 1),
+                    gateway: Ipv4Addr::UNSPECIFIED,
+                    mask: Ipv4Addr::BROADCAST,
+                    flags: libc::RTF_UP | libc::RTF_HOST,
+                    metric: 0,
+                },
+            ]
+        );
+        assert!(parse_routes(routes, "eth2").is_empty());
+        assert!(parse_routes("", "eth0").is_empty());
+        let arp =
+            "IP address       HW type     Flags       HW address            Mask     Device\n\
+            10.0.2.2         0x1         0x2         52:55:0a:00:02:02     *        eth0\n\
+            172.16.0.1       0x1         0x0         00:00:00:00:00:00     *        eth1\n\
+            10.0.2.3         0x1         0x2         52:55:0a:00:02:03     *        eth0\n\
+            not-an-address   0x1         0x2         52:55:0a:00:02:03     *        eth0\n";
+        assert_eq!(
+            parse_neighbours(arp, "eth0"),
+            [host(10, 0, 2, 2), host(10, 0, 2, 3)]
+        );
+        assert_eq!(parse_neighbours(arp, "eth1"), [host(172, 16, 0, 1)]);
+        assert!(parse_neighbours(arp, "eth").is_empty());
+    }
+
+    #[test]
+    fn reconfiguring_checks_the_configuration_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = GuestNet {
+            prefix: 33,
+            ..GuestNet::user_mode()
+        };
+        let err =
+            reconfigure_ethernet(dir.path(), &dir.path().join("resolv.conf"), &bad).unwrap_err();
+        assert!(err.to_string().contains("prefix"), "{err}");
+        // No interface: an error naming where it looked, after a bounded wait.
+        let start = Instant::now();
+        let err = reconfigure_ethernet(
+            &dir.path().join("none"),
+            &dir.path().join("resolv.conf"),
+            &GuestNet::user_mode(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, AgentError::NoEthernet { .. }), "{err}");
+        assert!(start.elapsed() < ETHERNET_WAIT + Duration::from_secs(1));
+        assert!(!dir.path().join("resolv.conf").exists());
+    }
+
     /// Runs `ip ARGS` (in this thread's network namespace); its stdout.
     fn ip(args: &str) -> String {
         let out = std::process::Command::new("ip")
@@ -469,6 +764,17 @@ mod tests {
         true
     }
 
+    /// A `nat`-mode configuration: a /32 address with an on-link gateway outside it.
+    fn nat_net() -> GuestNet {
+        GuestNet {
+            addr: Ipv4Addr::new(172, 16, 3, 7),
+            prefix: 32,
+            gateway: Ipv4Addr::new(172, 16, 0, 1),
+            dns: vec![],
+            mtu: 1400,
+        }
+    }
+
     /// The real ioctls, on a veth in a private network namespace: a /32 address with an
     /// on-link gateway outside it (the host's `nat` mode), and a /24 (`user` mode).
     #[test]
@@ -477,13 +783,7 @@ mod tests {
             if !private_netns_with_veth() {
                 return;
             }
-            let nat = GuestNet {
-                addr: Ipv4Addr::new(172, 16, 3, 7),
-                prefix: 32,
-                gateway: Ipv4Addr::new(172, 16, 0, 1),
-                dns: vec![],
-                mtu: 1400,
-            };
+            let nat = nat_net();
             configure_interface("vtest0", &nat).unwrap();
             let link = ip("link show vtest0");
             assert!(link.contains("mtu 1400") && link.contains(",UP"), "{link}");
@@ -521,6 +821,134 @@ mod tests {
             );
             assert!(routes.contains("10.0.2.0/24 dev vtest0"), "{routes}");
             assert!(ip("link show vtest0").contains("mtu 1500"));
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// What `ip` shows of the addresses, routes and neighbours in this thread's namespace.
+    fn state(dev: &str) -> (String, String, String) {
+        (
+            ip(&format!("-4 addr show {dev}")),
+            ip("-4 route"),
+            ip(&format!("-4 neigh show dev {dev}")),
+        )
+    }
+
+    /// The real ioctls again: a guest configured at boot (or not at all) gets a new
+    /// identity; only the new address and routes remain and the old neighbours are gone.
+    #[test]
+    fn reconfigures_an_interface_in_a_private_netns() {
+        std::thread::spawn(|| {
+            if !private_netns_with_veth() {
+                return;
+            }
+            let nat = nat_net();
+            configure_interface("vtest0", &nat).unwrap();
+            // What a guest may have accumulated: a second address, a route of its own, the
+            // old gateway's and the new gateway's (stale) link-layer addresses.
+            ip("addr add 192.168.9.9/24 dev vtest0");
+            ip("route add 198.51.100.0/24 via 172.16.0.1 dev vtest0");
+            ip("neigh replace 172.16.0.1 lladdr 02:00:00:00:00:01 dev vtest0 nud permanent");
+            ip("neigh replace 10.0.2.2 lladdr 02:00:00:00:00:02 dev vtest0 nud reachable");
+            let (addr, routes, neigh) = state("vtest0");
+            assert!(addr.contains("192.168.9.9/24"), "{addr}");
+            assert!(routes.contains("198.51.100.0/24"), "{routes}");
+            assert!(neigh.contains("02:00:00:00:00:01"), "{neigh}");
+
+            let user = GuestNet::user_mode();
+            reconfigure_interface("vtest0", &user).unwrap();
+            let (addr, routes, neigh) = state("vtest0");
+            let inets: Vec<&str> = addr.lines().filter(|l| l.contains("inet ")).collect();
+            assert_eq!(inets.len(), 1, "{addr}");
+            assert!(inets[0].contains("inet 10.0.2.15/24"), "{addr}");
+            let routes: Vec<&str> = routes.lines().map(str::trim).collect();
+            assert_eq!(routes.len(), 2, "{routes:?}");
+            assert!(
+                routes.contains(&"default via 10.0.2.2 dev vtest0"),
+                "{routes:?}"
+            );
+            assert!(
+                routes
+                    .iter()
+                    .any(|r| r.starts_with("10.0.2.0/24 dev vtest0")),
+                "{routes:?}"
+            );
+            assert!(!neigh.contains("02:00:00:00:00:0"), "{neigh}");
+            assert!(!neigh.contains("172.16.0.1"), "{neigh}");
+            assert!(ip("link show vtest0").contains("mtu 1500"));
+
+            // The same configuration again succeeds and changes nothing.
+            let before = state("vtest0");
+            reconfigure_interface("vtest0", &user).unwrap();
+            assert_eq!(state("vtest0"), before);
+
+            // Back to the /32 with an off-prefix gateway: its host route comes back.
+            reconfigure_interface("vtest0", &nat).unwrap();
+            let (addr, routes, _) = state("vtest0");
+            assert!(addr.contains("inet 172.16.3.7/32"), "{addr}");
+            assert!(!addr.contains("10.0.2.15"), "{addr}");
+            let routes: Vec<&str> = routes.lines().map(str::trim).collect();
+            assert_eq!(
+                routes,
+                [
+                    "default via 172.16.0.1 dev vtest0",
+                    "172.16.0.1 dev vtest0 scope link"
+                ]
+            );
+            // An interface that does not exist is an error naming it.
+            let err = reconfigure_interface("nosuch0", &nat).unwrap_err();
+            assert!(err.to_string().contains("nosuch0"), "{err}");
+        })
+        .join()
+        .unwrap();
+        // A template that booted without a network: the interface is down, unconfigured.
+        std::thread::spawn(|| {
+            if !private_netns_with_veth() {
+                return;
+            }
+            reconfigure_interface("vtest0", &GuestNet::user_mode()).unwrap();
+            let (addr, routes, _) = state("vtest0");
+            assert!(addr.contains("inet 10.0.2.15/24"), "{addr}");
+            assert!(
+                routes.contains("default via 10.0.2.2 dev vtest0"),
+                "{routes}"
+            );
+            assert!(ip("link show vtest0").contains(",UP"));
+        })
+        .join()
+        .unwrap();
+        // An interface up without an address, with a route and neighbours of its own: the
+        // kernel drops nothing by itself here (removing an interface's last address, or
+        // changing its netmask, would make it flush them; /24 in 192.168/16 is the netmask
+        // the kernel gives anyway), so the explicit deletions must.
+        std::thread::spawn(|| {
+            if !private_netns_with_veth() {
+                return;
+            }
+            let lan = GuestNet {
+                addr: Ipv4Addr::new(192, 168, 5, 15),
+                prefix: 24,
+                gateway: Ipv4Addr::new(192, 168, 5, 1),
+                dns: vec![],
+                mtu: 1500,
+            };
+            ip("link set vtest0 up");
+            ip("route add 198.51.100.0/24 dev vtest0 metric 7");
+            ip("neigh replace 198.51.100.9 lladdr 02:00:00:00:00:09 dev vtest0 nud permanent");
+            ip("neigh replace 192.168.5.1 lladdr 02:00:00:00:00:01 dev vtest0 nud permanent");
+            let (_, routes, neigh) = state("vtest0");
+            assert!(routes.contains("198.51.100.0/24"), "{routes}");
+            assert!(neigh.contains("02:00:00:00:00:09"), "{neigh}");
+            reconfigure_interface("vtest0", &lan).unwrap();
+            let (addr, routes, neigh) = state("vtest0");
+            assert!(addr.contains("inet 192.168.5.15/24"), "{addr}");
+            assert!(!routes.contains("198.51.100.0/24"), "{routes}");
+            assert!(
+                routes.contains("default via 192.168.5.1 dev vtest0"),
+                "{routes}"
+            );
+            assert!(!neigh.contains("02:00:00:00:00:0"), "{neigh}");
         })
         .join()
         .unwrap();

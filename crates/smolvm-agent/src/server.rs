@@ -18,9 +18,11 @@ use crate::{handshake, mux, port, request};
 /// Settings of the server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Whether `Hello` may set the clock, hostname and entropy pool.
+    /// Whether `Hello` may set the clock, hostname and entropy pool, and `Network` the
+    /// network.
     pub apply_identity: bool,
-    /// Directory the persistent environment's files live under (`/` in a guest).
+    /// Directory the persistent environment's files live under (`/` in a guest); a
+    /// `Network` request also looks for `sys/class/net` and writes `etc/resolv.conf` there.
     pub state_root: PathBuf,
     /// What to do once a `Shutdown` request was answered.
     pub on_shutdown: OnShutdown,
@@ -87,6 +89,9 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
+/// How long an idle blocking thread of the server lives.
+const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Shortest session that is not followed by a pause before the next one.
 const SESSION_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -98,6 +103,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub fn run(endpoint: Endpoint, cfg: ServerConfig) -> i32 {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // Idle blocking threads stay: one made at boot is still there in every VM resumed
+        // from a snapshot of this one, which then does not make its own.
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .build()
     {
         Ok(rt) => rt,
@@ -109,6 +117,8 @@ pub fn run(endpoint: Endpoint, cfg: ServerConfig) -> i32 {
     let ctx = Arc::new(Context::new(cfg));
     let on_shutdown = ctx.cfg.on_shutdown;
     let result = runtime.block_on(async move {
+        // The blocking thread requests such as `Network` use, made now, while booting.
+        let _ = tokio::task::spawn_blocking(|| ()).await;
         match endpoint {
             Endpoint::Port(device) => serve_port(device, ctx).await,
             Endpoint::Unix(path) => serve_unix(&path, ctx).await,
@@ -216,7 +226,7 @@ mod tests {
     use bytes::Bytes;
     use futures::{SinkExt, StreamExt};
     use serde_bytes::ByteBuf;
-    use smolvm_protocol::{codec, decode, encode, GuestMessage, Hello, HostMessage};
+    use smolvm_protocol::{codec, decode, encode, EnvUpdate, GuestMessage, Hello, HostMessage};
     use tokio::io::DuplexStream;
     use tokio_util::codec::Framed;
     use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
@@ -246,6 +256,146 @@ mod tests {
         tokio::select! {
             reply = talk => reply,
             _ = poll_fn(|cx| conn.poll_next_inbound(cx)) => panic!("session ended early"),
+        }
+    }
+
+    fn hello() -> HostMessage {
+        HostMessage::Hello(Hello {
+            protocol_version: smolvm_protocol::PROTOCOL_VERSION,
+            host_time_unix_ns: 0,
+            hostname: String::new(),
+            entropy: ByteBuf::new(),
+        })
+    }
+
+    /// The request stream `i` of [`open_at_once`] carries.
+    fn request(i: usize) -> HostMessage {
+        match i {
+            0 => hello(),
+            2 => HostMessage::Env(EnvUpdate::default()),
+            _ => HostMessage::Ping(i as u64),
+        }
+    }
+
+    /// A host session over `port` that opens `streams` streams at once (a Hello on stream
+    /// 1, then pings and an environment read) and sends every request before reading any
+    /// answer, as a host does that does not wait for the handshake. yamux writes the frames
+    /// of different streams in no fixed order: with `last_first` the frames of the last
+    /// stream reach the wire first and those of stream 1 last. Returns the answers, in
+    /// stream order; the session is left open.
+    async fn open_at_once(
+        port: &mut DuplexStream,
+        streams: usize,
+        last_first: bool,
+    ) -> Vec<GuestMessage> {
+        let mut conn =
+            yamux::Connection::new(port.compat(), yamux::Config::default(), yamux::Mode::Client);
+        let mut framed = Vec::new();
+        for _ in 0..streams {
+            let stream = poll_fn(|cx| conn.poll_new_outbound(cx)).await.unwrap();
+            framed.push(Framed::new(stream.compat(), codec()));
+        }
+        let mut order: Vec<usize> = (0..streams).collect();
+        if last_first {
+            order.reverse();
+        }
+        for i in order {
+            framed[i]
+                .send(Bytes::from(encode(&request(i)).unwrap()))
+                .await
+                .unwrap();
+            // One poll of the connection writes what the stream queued.
+            poll_fn(|cx| {
+                let _ = conn.poll_next_inbound(cx);
+                std::task::Poll::Ready(())
+            })
+            .await;
+        }
+        let talk = async {
+            let mut replies = Vec::new();
+            for f in &mut framed {
+                replies.push(decode::<GuestMessage>(&f.next().await.unwrap().unwrap()).unwrap());
+            }
+            replies
+        };
+        // The connection makes progress only while it is polled.
+        let drive = async {
+            while poll_fn(|cx| conn.poll_next_inbound(cx)).await.is_some() {}
+            panic!("session ended early");
+        };
+        tokio::select! {
+            replies = talk => replies,
+            () = drive => unreachable!(),
+        }
+    }
+
+    fn assert_answered(replies: &[GuestMessage]) {
+        for (i, reply) in replies.iter().enumerate() {
+            let ok = match i {
+                0 => matches!(reply, GuestMessage::Hello(_)),
+                2 => matches!(reply, GuestMessage::Env(_)),
+                _ => matches!(reply, GuestMessage::Pong(n) if *n == i as u64),
+            };
+            assert!(ok, "stream {} answered {reply:?}", 2 * i + 1);
+        }
+    }
+
+    /// Serves the guest end of a fresh byte stream; returns the host end.
+    fn serve_duplex() -> (
+        DuplexStream,
+        tokio::task::JoinHandle<Result<()>>,
+        tempfile::TempDir,
+    ) {
+        let (host, guest) = tokio::io::duplex(1 << 20);
+        let state = tempfile::tempdir().unwrap();
+        let ctx = Arc::new(Context::new(ServerConfig {
+            state_root: state.path().to_owned(),
+            ..ServerConfig::default()
+        }));
+        let server =
+            tokio::spawn(async move { serve_byte_stream(guest, || async { Ok(()) }, &ctx).await });
+        (host, server, state)
+    }
+
+    async fn answered_in_time(port: &mut DuplexStream, streams: usize, last_first: bool) {
+        let replies = tokio::time::timeout(
+            Duration::from_secs(5),
+            open_at_once(port, streams, last_first),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("{streams} streams (last first: {last_first}) not all answered in time")
+        });
+        assert_answered(&replies);
+    }
+
+    #[tokio::test]
+    async fn every_stream_a_first_session_opens_at_once_is_served() {
+        for streams in [2, 4] {
+            for last_first in [false, true] {
+                let (mut host, server, _state) = serve_duplex();
+                answered_in_time(&mut host, streams, last_first).await;
+                server.abort();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_stream_a_new_session_opens_at_once_is_served() {
+        for streams in [2, 3, 4] {
+            for last_first in [false, true] {
+                let (mut host, server, _state) = serve_duplex();
+                let reply =
+                    tokio::time::timeout(Duration::from_secs(5), handshake_and_vanish(&mut host))
+                        .await
+                        .expect("the agent answered in time");
+                assert!(matches!(reply, GuestMessage::Hello(_)), "{reply:?}");
+                // Sessions that leave streams open are followed by fresh ones too.
+                for _ in 0..2 {
+                    answered_in_time(&mut host, streams, last_first).await;
+                }
+                server.abort();
+            }
         }
     }
 

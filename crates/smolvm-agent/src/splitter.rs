@@ -5,11 +5,23 @@
 //! no `POLLHUP` in between. A yamux session that goes on past such a reconnect refuses the new
 //! host's streams ("stream already exists") or serves them stale state.
 //!
-//! A host session always begins by opening yamux stream 1 (a frame header with SYN on stream
-//! 1), which one session never sees twice. The splitter follows the frame headers of the
-//! host's bytes on their way to yamux and ends the current session (end-of-file) right before
-//! such a header, so the next session starts with it. When the port hangs up, what the old
-//! host left unread is dropped instead.
+//! The splitter follows the frame headers of the host's bytes on their way to yamux and ends
+//! the current session (end-of-file) right before a header that only a new session sends, so
+//! the next session starts with it:
+//!
+//! - the host's first ping: yamux (0.13 on) measures the round-trip time from its first
+//!   poll, so a host session's very first frame is a ping (SYN) with opaque value 0; its
+//!   later pings count up from there. It comes before any stream's frame, so the cut lands
+//!   before every stream the new host opens, even when several open at once and the frame
+//!   opening stream 1 is not the first of them on the wire (yamux writes the queued frames
+//!   of different streams in no fixed order);
+//! - the opening of stream 1 (a frame header with SYN on stream 1): a host session always
+//!   opens it (its first stream id), and one session never sees it twice. This covers hosts
+//!   whose first frame is not that ping.
+//!
+//! The first ping ends the current session only once it has seen a frame, the opening of
+//! stream 1 only once it has seen stream 1 open, so neither ends the new session it starts.
+//! When the port hangs up, what the old host left unread is dropped instead.
 
 use std::io;
 use std::pin::Pin;
@@ -26,6 +38,8 @@ const OPENING_TYPES: [u8; 2] = [0, 1];
 const TYPE_DATA: u8 = 0;
 /// Highest known frame type (go-away).
 const MAX_TYPE: u8 = 3;
+/// The ping frame type.
+const TYPE_PING: u8 = 2;
 /// The SYN flag.
 const FLAG_SYN: u16 = 1;
 /// The first stream a yamux client opens.
@@ -36,10 +50,21 @@ const READ_SIZE: usize = 64 * 1024;
 /// What a frame header says, as far as the splitter cares.
 #[derive(Debug, PartialEq, Eq)]
 enum Header {
-    /// A frame of `len` bytes in all (header and body); `opens_first` when it opens stream 1.
-    Frame { len: u64, opens_first: bool },
+    /// A frame of `len` bytes in all (header and body).
+    Frame { len: u64, mark: Mark },
     /// Not a yamux header: the byte stream is out of step.
     Garbage,
+}
+
+/// Whether a frame may begin a host session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    /// The first ping a host sends (SYN, opaque value 0): a session's first frame.
+    FirstPing,
+    /// It opens stream 1: a session's first stream.
+    OpensFirst,
+    /// Any other frame.
+    Other,
 }
 
 fn classify(h: &[u8]) -> Header {
@@ -55,11 +80,17 @@ fn classify(h: &[u8]) -> Header {
     } else {
         0
     };
+    let syn = flags & FLAG_SYN != 0;
+    let mark = if kind == TYPE_PING && syn && stream == 0 && length == 0 {
+        Mark::FirstPing
+    } else if OPENING_TYPES.contains(&kind) && syn && stream == FIRST_CLIENT_STREAM {
+        Mark::OpensFirst
+    } else {
+        Mark::Other
+    };
     Header::Frame {
         len: HEADER_LEN as u64 + body,
-        opens_first: OPENING_TYPES.contains(&kind)
-            && flags & FLAG_SYN != 0
-            && stream == FIRST_CLIENT_STREAM,
+        mark,
     }
 }
 
@@ -74,6 +105,8 @@ pub struct Splitter<T> {
     discard_left: u64,
     /// Whether `pending` starts where `frame_left` says; after garbage, bytes pass as they are.
     in_step: bool,
+    /// Whether the current session was handed a frame header.
+    seen_frame: bool,
     /// Whether the current session has seen stream 1 open.
     opened_first: bool,
     /// Whether the current session was ended before a new session's first frame.
@@ -91,6 +124,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Splitter<T> {
             frame_left: 0,
             discard_left: 0,
             in_step: true,
+            seen_frame: false,
             opened_first: false,
             cut: false,
             hung_up: false,
@@ -114,6 +148,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Splitter<T> {
             self.discard_left = self.frame_left;
             self.frame_left = 0;
         }
+        self.seen_frame = false;
         self.opened_first = false;
         self.cut = false;
         self.hung_up = false;
@@ -155,15 +190,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Splitter<T> {
             }
             match classify(&self.pending[..HEADER_LEN]) {
                 Header::Garbage => self.in_step = false,
-                Header::Frame { len, opens_first } => {
-                    if opens_first {
-                        if self.opened_first {
-                            tracing::debug!("a new host session began; ending the current one");
-                            self.cut = true;
-                            return Some(0);
-                        }
-                        self.opened_first = true;
+                Header::Frame { len, mark } => {
+                    let begins = match mark {
+                        Mark::FirstPing => self.seen_frame,
+                        Mark::OpensFirst => self.opened_first,
+                        Mark::Other => false,
+                    };
+                    if begins {
+                        tracing::debug!("a new host session began; ending the current one");
+                        self.cut = true;
+                        return Some(0);
                     }
+                    self.seen_frame = true;
+                    self.opened_first |= mark == Mark::OpensFirst;
                     self.frame_left = len;
                 }
             }
@@ -268,8 +307,8 @@ mod tests {
         host.write_all(&b).await.unwrap();
         drop(host);
         let mut s = Splitter::new(guest);
-        // The new host's opening ping still reaches the old session (which answers it);
-        // the cut comes right before stream 1 opens.
+        // A host whose first frame is not a first ping: that ping still reaches the old
+        // session (which answers it); the cut comes right before stream 1 opens.
         assert_eq!(
             read_session(&mut s).await,
             [&a[..], &b[..HEADER_LEN]].concat()
@@ -308,36 +347,145 @@ mod tests {
         assert_eq!(read_session(&mut s).await, bytes);
     }
 
+    /// A new host session as a yamux host writes it when it opens streams 1 and 3 at once:
+    /// its first ping, then the streams' frames in whatever order yamux took them.
+    fn host_session_opening_at_once(tag: u8) -> Vec<u8> {
+        [
+            header(2, FLAG_SYN, 0, 0),
+            data(FLAG_SYN, 3, &[tag; 30]),
+            data(FLAG_SYN, 1, &[tag; 5]),
+            data(0, 3, &[tag; 2]),
+        ]
+        .concat()
+    }
+
+    #[tokio::test]
+    async fn a_new_session_starts_at_its_first_ping() {
+        let (mut host, guest) = tokio::io::duplex(1 << 16);
+        let a = host_session(0xaa);
+        let (b, c) = (
+            host_session_opening_at_once(0xbb),
+            host_session_opening_at_once(0xcc),
+        );
+        host.write_all(&[&a[..], &b[..], &c[..]].concat())
+            .await
+            .unwrap();
+        drop(host);
+        let mut s = Splitter::new(guest);
+        assert_eq!(read_session(&mut s).await, a);
+        assert!(s.was_cut());
+        s.next_session();
+        // Stream 1 opening after stream 3 does not cut the new session again.
+        assert_eq!(read_session(&mut s).await, b);
+        assert!(s.was_cut());
+        s.next_session();
+        assert_eq!(read_session(&mut s).await, c);
+        assert!(!s.was_cut());
+    }
+
+    #[tokio::test]
+    async fn a_ping_counting_up_stays_in_its_session() {
+        let (mut host, guest) = tokio::io::duplex(1 << 16);
+        let bytes = [
+            header(2, FLAG_SYN, 0, 0),
+            data(FLAG_SYN, 1, b"x"),
+            header(2, FLAG_SYN, 0, 1),
+            // A pong (ACK) of the guest's first ping.
+            header(2, 2, 0, 0),
+            data(FLAG_SYN, 3, b"y"),
+        ]
+        .concat();
+        host.write_all(&bytes).await.unwrap();
+        drop(host);
+        let mut s = Splitter::new(guest);
+        assert_eq!(read_session(&mut s).await, bytes);
+        assert!(!s.was_cut());
+    }
+
+    /// The first-ping rule rests on this: a yamux host's first frame is a ping with opaque
+    /// value 0, even when streams were opened and written to before the connection ran.
+    #[tokio::test]
+    async fn a_yamux_hosts_first_frame_is_its_first_ping() {
+        use std::future::poll_fn;
+        use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+        let (host, mut guest) = tokio::io::duplex(1 << 16);
+        let mut conn =
+            yamux::Connection::new(host.compat(), yamux::Config::default(), yamux::Mode::Client);
+        let mut streams = Vec::new();
+        for _ in 0..2 {
+            streams.push(
+                poll_fn(|cx| conn.poll_new_outbound(cx))
+                    .await
+                    .unwrap()
+                    .compat(),
+            );
+        }
+        for stream in streams.iter_mut().rev() {
+            stream.write_all(b"request").await.unwrap();
+        }
+        poll_fn(|cx| {
+            let _ = conn.poll_next_inbound(cx);
+            Poll::Ready(())
+        })
+        .await;
+        let mut first = [0u8; HEADER_LEN];
+        guest.read_exact(&mut first).await.unwrap();
+        assert_eq!(
+            classify(&first),
+            Header::Frame {
+                len: 12,
+                mark: Mark::FirstPing
+            }
+        );
+    }
+
     #[test]
     fn header_classification() {
         assert_eq!(
             classify(&data(FLAG_SYN, 1, b"abc")),
             Header::Frame {
                 len: 15,
-                opens_first: true
+                mark: Mark::OpensFirst
             }
         );
         assert_eq!(
             classify(&header(1, FLAG_SYN | 2, 1, 9)),
             Header::Frame {
                 len: 12,
-                opens_first: true
+                mark: Mark::OpensFirst
             }
         );
         assert_eq!(
             classify(&header(2, FLAG_SYN, 1, 9)),
             Header::Frame {
                 len: 12,
-                opens_first: false
+                mark: Mark::Other
             }
         );
         assert_eq!(
             classify(&data(FLAG_SYN, 3, b"")),
             Header::Frame {
                 len: 12,
-                opens_first: false
+                mark: Mark::Other
             }
         );
+        assert_eq!(
+            classify(&header(2, FLAG_SYN, 0, 0)),
+            Header::Frame {
+                len: 12,
+                mark: Mark::FirstPing
+            }
+        );
+        for not_first in [header(2, FLAG_SYN, 0, 1), header(2, 2, 0, 0)] {
+            assert_eq!(
+                classify(&not_first),
+                Header::Frame {
+                    len: 12,
+                    mark: Mark::Other
+                }
+            );
+        }
         assert_eq!(classify(&[1; 12]), Header::Garbage);
         assert_eq!(classify(&header(9, 0, 0, 0)), Header::Garbage);
     }

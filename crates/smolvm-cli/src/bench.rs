@@ -27,6 +27,24 @@ pub enum BenchCmd {
         /// Memory per VM in MiB.
         #[arg(long, default_value_t = smolvm::config::DEFAULT_MEM_MIB)]
         memory: u32,
+        /// Boot every VM cold instead of resuming the image's template.
+        #[arg(long)]
+        cold: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time to interactive (create to first command output), booting cold and resuming
+    /// the image's template, side by side; then N starts from the template at once.
+    Start {
+        /// Starts of each kind (cold, template), interleaved.
+        #[arg(short = 'n', long, default_value_t = 10)]
+        runs: usize,
+        /// VMs started from the template at once (0 skips it).
+        #[arg(long, default_value_t = 8)]
+        concurrent: usize,
+        #[command(flatten)]
+        shape: crate::ShapeArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -34,23 +52,57 @@ pub enum BenchCmd {
 }
 
 #[derive(Serialize)]
-struct Stat {
+pub(crate) struct Stat {
     phase: &'static str,
     n: usize,
-    p50_ms: f64,
-    p95_ms: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p95_ms: f64,
     min_ms: f64,
     max_ms: f64,
 }
 
+/// Where a bench ran: the accelerator (and why), the machine, QEMU and the VM's shape.
 #[derive(Serialize)]
-struct Report {
+pub(crate) struct Setting {
     accelerator: String,
     accelerator_reason: String,
     machine: String,
     qemu: String,
     vcpus: u32,
     memory_mib: u32,
+}
+
+impl Setting {
+    /// Describes this host for VMs of `vcpus` and `memory_mib`.
+    pub(crate) fn here(vcpus: u32, memory_mib: u32) -> Setting {
+        let accel = smolvm::hypervisor::detect_accelerator();
+        Setting {
+            accelerator: accel.accelerator.to_string(),
+            accelerator_reason: accel.reason,
+            machine: machine(),
+            qemu: qemu_version(),
+            vcpus,
+            memory_mib,
+        }
+    }
+
+    /// Prints the accelerator and machine lines of a report (`extra` ends the second).
+    pub(crate) fn print(&self, extra: &str) {
+        println!(
+            "accelerator: {} ({})",
+            self.accelerator, self.accelerator_reason
+        );
+        println!(
+            "machine: {}; {}; VM {} vCPU, {} MiB{extra}",
+            self.machine, self.qemu, self.vcpus, self.memory_mib
+        );
+    }
+}
+
+#[derive(Serialize)]
+struct Report {
+    #[serde(flatten)]
+    setting: Setting,
     phases: Vec<Stat>,
 }
 
@@ -62,7 +114,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-fn stat(phase: &'static str, samples: &[Duration]) -> Stat {
+pub(crate) fn stat(phase: &'static str, samples: &[Duration]) -> Stat {
     let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     v.sort_by(|a, b| a.total_cmp(b));
     Stat {
@@ -112,23 +164,65 @@ fn qemu_version() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Prints phase statistics as a table.
+pub(crate) fn print_stats(stats: &[Stat]) {
+    let mut rows = vec![vec![
+        "phase".to_string(),
+        "n".into(),
+        "p50".into(),
+        "p95".into(),
+        "min".into(),
+        "max".into(),
+    ]];
+    for s in stats {
+        let f = |v: f64| ms(Duration::from_secs_f64(v / 1000.0));
+        rows.push(vec![
+            s.phase.to_string(),
+            s.n.to_string(),
+            f(s.p50_ms),
+            f(s.p95_ms),
+            f(s.min_ms),
+            f(s.max_ms),
+        ]);
+    }
+    table::print(&rows);
+}
+
 /// Runs a bench subcommand.
 pub fn run(cmd: BenchCmd) -> Result<()> {
-    let BenchCmd::Lifecycle {
-        runs,
-        exec_runs,
-        cpus,
-        memory,
-        json,
-    } = cmd;
+    let (runs, exec_runs, cpus, memory, cold, json) = match cmd {
+        BenchCmd::Lifecycle {
+            runs,
+            exec_runs,
+            cpus,
+            memory,
+            cold,
+            json,
+        } => (runs, exec_runs, cpus, memory, cold, json),
+        BenchCmd::Start {
+            runs,
+            concurrent,
+            shape,
+            json,
+        } => {
+            return crate::bench_start::run(&crate::bench_start::Params {
+                runs,
+                concurrent,
+                cpus: shape.cpus,
+                memory: shape.memory,
+                network: shape.network.parse()?,
+                json,
+            })
+        }
+    };
     let rt = Runtime::open()?;
     let cfg = VmConfig {
         vcpu_count: cpus,
         mem_size_mib: memory,
+        snapshot: !cold,
         ..Default::default()
     };
     cfg.validate()?;
-    let accel = smolvm::hypervisor::detect_accelerator();
     let (mut cs, mut ready, mut exec, mut del, mut total) =
         (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..runs.max(1) {
@@ -200,12 +294,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         phases.push(stat("exec round trip (true, warm)", &rtt));
     }
     let report = Report {
-        accelerator: accel.accelerator.to_string(),
-        accelerator_reason: accel.reason.clone(),
-        machine: machine(),
-        qemu: qemu_version(),
-        vcpus: cpus,
-        memory_mib: memory,
+        setting: Setting::here(cpus, memory),
         phases,
     };
     if json {
@@ -213,37 +302,16 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         return Ok(());
     }
     println!(
-        "smolvm bench lifecycle: {} lifecycles, {} exec round trips",
+        "smolvm bench lifecycle: {} lifecycles ({}), {} exec round trips",
         runs,
+        if cold {
+            "cold boots"
+        } else {
+            "resumed from the image's template"
+        },
         rtt.len()
     );
-    println!(
-        "accelerator: {} ({})",
-        report.accelerator, report.accelerator_reason
-    );
-    println!(
-        "machine: {}; {}; VM {} vCPU, {} MiB",
-        report.machine, report.qemu, cpus, memory
-    );
-    let mut rows = vec![vec![
-        "phase".to_string(),
-        "n".into(),
-        "p50".into(),
-        "p95".into(),
-        "min".into(),
-        "max".into(),
-    ]];
-    for s in &report.phases {
-        let f = |v: f64| ms(Duration::from_secs_f64(v / 1000.0));
-        rows.push(vec![
-            s.phase.to_string(),
-            s.n.to_string(),
-            f(s.p50_ms),
-            f(s.p95_ms),
-            f(s.min_ms),
-            f(s.max_ms),
-        ]);
-    }
-    table::print(&rows);
+    report.setting.print("");
+    print_stats(&report.phases);
     Ok(())
 }

@@ -50,6 +50,18 @@ pub enum ImageCmd {
         /// Image name.
         name: String,
     },
+    /// Boot the image once and save it as the template that new VMs of this shape resume
+    /// from (otherwise made on first use). Prints the template's directory.
+    Warm {
+        /// Image name.
+        #[arg(default_value = smolvm::config::DEFAULT_IMAGE)]
+        name: String,
+        #[command(flatten)]
+        shape: crate::ShapeArgs,
+        /// Disk size (MiB) of the VMs it serves [default: the image's].
+        #[arg(long)]
+        disk_size: Option<u64>,
+    },
 }
 
 /// Runs an image subcommand.
@@ -101,9 +113,18 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            let mut rows = vec![vec!["NAME".to_string(), "PATH".to_string()]];
+            let mut rows = vec![vec![
+                "NAME".to_string(),
+                "TEMPLATES".to_string(),
+                "PATH".to_string(),
+            ]];
             for i in images {
-                rows.push(vec![i.name.clone(), i.dir.display().to_string()]);
+                let (count, bytes) = smolvm::snapshot::template::usage(&dir, &i.name);
+                rows.push(vec![
+                    i.name.clone(),
+                    format!("{count} ({} MiB)", bytes.div_ceil(1 << 20)),
+                    i.dir.display().to_string(),
+                ]);
             }
             table::print(&rows);
             Ok(())
@@ -113,6 +134,18 @@ pub fn run(cmd: ImageCmd) -> Result<()> {
             smolvm_image::remove(&dir, &name)?;
             Ok(())
         }
+        ImageCmd::Warm {
+            name,
+            shape,
+            disk_size,
+        } => crate::cmd_snapshot::warm(&smolvm::VmConfig {
+            image: name,
+            vcpu_count: shape.cpus,
+            mem_size_mib: shape.memory,
+            network: shape.network.parse()?,
+            disk_size_mib: disk_size,
+            ..Default::default()
+        }),
     }
 }
 

@@ -13,8 +13,9 @@ use crate::{CreateArgs, ExecArgs, VmArgs};
 /// Builds a validated config from flags.
 pub fn config_from(c: Option<&CreateArgs>, a: &VmArgs) -> Result<VmConfig> {
     let mut cfg = VmConfig {
-        vcpu_count: a.cpus,
-        mem_size_mib: a.memory,
+        vcpu_count: a.cpus.unwrap_or(smolvm::config::DEFAULT_VCPUS),
+        mem_size_mib: a.memory.unwrap_or(smolvm::config::DEFAULT_MEM_MIB),
+        snapshot: !a.cold,
         image: a.image.clone(),
         boot_args: a.boot_args.clone(),
         network: a.network.parse()?,
@@ -189,10 +190,16 @@ pub fn run(a: &VmArgs, e: &ExecArgs, timings: bool) -> Result<i32> {
         eprintln!("exec             {}", ms(exec_t));
         eprintln!("stop+delete      {}", ms(del));
         eprintln!("total            {}", ms(t0.elapsed()));
-        eprintln!(
-            "accelerator: {} (guest kernel {}, boot to agent {} ms)",
-            st.accelerator, st.guest.kernel_release, st.guest.boot_ms
-        );
+        match &st.restored {
+            Some(from) => eprintln!(
+                "accelerator: {} (guest kernel {}, resumed from {from})",
+                st.accelerator, st.guest.kernel_release
+            ),
+            None => eprintln!(
+                "accelerator: {} (guest kernel {}, cold boot, boot to agent {} ms)",
+                st.accelerator, st.guest.kernel_release, st.guest.boot_ms
+            ),
+        }
     }
     Ok(code)
 }
@@ -201,7 +208,13 @@ pub fn run(a: &VmArgs, e: &ExecArgs, timings: bool) -> Result<i32> {
 pub fn create(c: &CreateArgs, a: &VmArgs, no_start: bool) -> Result<()> {
     let cfg = config_from(Some(c), a)?;
     let rt = Runtime::open()?;
-    let vm = create_vm(&rt, cfg, false)?;
+    let vm = match &c.from_snapshot {
+        Some(name) => {
+            let cfg = crate::cmd_snapshot::config_for(&rt, name, a.cpus, a.memory, &cfg)?;
+            rt.create_from_snapshot(name, cfg, None)?
+        }
+        None => create_vm(&rt, cfg, false)?,
+    };
     if !no_start {
         if let Err(e) = vm.start() {
             let _ = vm.delete();
@@ -502,6 +515,9 @@ pub fn gc(json: bool) -> Result<()> {
         }
         for a in &r.released_addresses {
             eprintln!("released address {a} (its VM is gone)");
+        }
+        for s in &r.removed_saved_states {
+            eprintln!("removed {s} (unused, or made from an image since rebuilt)");
         }
         if r.killed_processes > 0 {
             eprintln!("killed {} orphan process(es)", r.killed_processes);

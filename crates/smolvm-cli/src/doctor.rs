@@ -26,6 +26,56 @@ fn tool(name: &'static str, prog: &str, package: &str) -> Check {
     }
 }
 
+/// The oldest QEMU whose `memory-backend-file` takes `rom=off` (templates map their RAM so).
+const QEMU_MIN: (u32, u32) = (8, 2);
+
+/// `(major, minor)` and the first line of `prog --version` ("... version 10.0.2 ...").
+fn version_of(prog: &str) -> Option<((u32, u32), String)> {
+    let out = std::process::Command::new(prog)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .to_string();
+    Some((parse_version(&line)?, line))
+}
+
+/// `(major, minor)` of a `--version` line such as "qemu-img version 10.0.2 (Debian ...)".
+fn parse_version(line: &str) -> Option<(u32, u32)> {
+    let v = line.split(" version ").nth(1)?.split_whitespace().next()?;
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
+}
+
+/// QEMU new enough for templates and snapshots, with a `qemu-img` of the same version.
+fn qemu_versions() -> Check {
+    let fix = "scripts/install-deps (on Debian 12: qemu-system-x86 and qemu-utils from bookworm-backports)";
+    let (sys, img) = (version_of("qemu-system-x86_64"), version_of("qemu-img"));
+    let (ok, detail) = match (&sys, &img) {
+        (Some((s, line)), Some((i, _))) if *s >= QEMU_MIN && s == i => (true, line.clone()),
+        (Some((s, line)), Some((i, _))) if *s >= QEMU_MIN => (
+            false,
+            format!("{line}, but qemu-img is {}.{}: they must match", i.0, i.1),
+        ),
+        (Some((_, line)), _) => (
+            false,
+            format!(
+                "{line}: smolvm needs {}.{} or newer",
+                QEMU_MIN.0, QEMU_MIN.1
+            ),
+        ),
+        (None, _) => (false, "qemu-system-x86_64 --version gave no version".into()),
+    };
+    Check {
+        name: "qemu 8.2+",
+        ok,
+        detail,
+        fix: (!ok).then(|| fix.to_string()),
+    }
+}
+
 fn free_mib(path: &std::path::Path) -> Option<u64> {
     let mut p = path.to_path_buf();
     while !p.exists() {
@@ -59,6 +109,7 @@ pub fn run() -> Result<i32> {
     }];
     checks.push(tool("qemu", "qemu-system-x86_64", "qemu-system-x86"));
     checks.push(tool("qemu-img", "qemu-img", "qemu-utils"));
+    checks.push(qemu_versions());
     checks.push(tool("mmdebstrap", "mmdebstrap", "mmdebstrap"));
     checks.push(tool("mkfs.ext4", "mkfs.ext4", "e2fsprogs"));
     checks.push(tool("debugfs", "debugfs", "e2fsprogs"));
@@ -143,4 +194,22 @@ pub fn run() -> Result<i32> {
     }
     println!("accelerator: {}", accel.accelerator);
     Ok(if fatal { 1 } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_versions_parse_from_their_first_line() {
+        let line = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)";
+        assert_eq!(parse_version(line), Some((10, 0)));
+        assert_eq!(
+            parse_version("qemu-img version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"),
+            Some((7, 2))
+        );
+        assert!(parse_version("QEMU emulator version 7.2.22").unwrap() < QEMU_MIN);
+        assert_eq!(parse_version("qemu-img: no version here"), None);
+        assert_eq!(parse_version("x version .1"), None);
+    }
 }

@@ -5,8 +5,10 @@
 
 mod agent_bin;
 mod bench;
+mod bench_start;
 mod cmd_cp;
 mod cmd_image;
+mod cmd_snapshot;
 mod cmd_vm;
 mod doctor;
 mod table;
@@ -27,12 +29,12 @@ struct Cli {
 /// Resource and image options shared by `run` and `create`.
 #[derive(Args, Clone)]
 pub struct VmArgs {
-    /// Number of vCPUs (1-32).
-    #[arg(long, default_value_t = smolvm::config::DEFAULT_VCPUS)]
-    pub cpus: u32,
-    /// Memory in MiB (128-16384).
-    #[arg(long, default_value_t = smolvm::config::DEFAULT_MEM_MIB)]
-    pub memory: u32,
+    /// Number of vCPUs (1-32) [default: 2; a snapshot's own with --from-snapshot].
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory in MiB (128-16384) [default: 512; a snapshot's own with --from-snapshot].
+    #[arg(long)]
+    pub memory: Option<u32>,
     /// Image to boot (see `smolvm image ls`).
     #[arg(long, default_value = smolvm::config::DEFAULT_IMAGE)]
     pub image: String,
@@ -53,6 +55,25 @@ pub struct VmArgs {
     /// Extra kernel command-line arguments.
     #[arg(long)]
     pub boot_args: Option<String>,
+    /// Boot the kernel instead of resuming the image's booted template (made on first use
+    /// of each image and shape; see `smolvm image warm`).
+    #[arg(long)]
+    pub cold: bool,
+}
+
+/// The shape of the VMs a command prepares or measures (`image warm`, `bench start`).
+#[derive(Args, Clone)]
+pub struct ShapeArgs {
+    /// vCPUs per VM.
+    #[arg(long, default_value_t = smolvm::config::DEFAULT_VCPUS)]
+    pub cpus: u32,
+    /// Memory per VM in MiB.
+    #[arg(long, default_value_t = smolvm::config::DEFAULT_MEM_MIB)]
+    pub memory: u32,
+    /// Network mode: auto, nat, user or none (nat and user VMs share a template; none has
+    /// no network device).
+    #[arg(long, default_value = "auto")]
+    pub network: String,
 }
 
 /// Options only `create` takes: identity, disks and the persistent environment.
@@ -85,6 +106,10 @@ pub struct CreateArgs {
     /// Use this root filesystem (raw ext4 or qcow2) instead of the image's.
     #[arg(long)]
     pub rootfs: Option<PathBuf>,
+    /// Resume from this snapshot (`smolvm snapshot ls`): memory, processes and files as
+    /// they were; the VM gets its own id, hostname, address and randomness.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["disk", "kernel", "initrd", "rootfs", "cold"])]
+    pub from_snapshot: Option<String>,
 }
 
 /// Options for running one command.
@@ -133,6 +158,29 @@ enum Cmd {
     Start {
         /// VM id.
         id: String,
+    },
+    /// Freeze a running VM's vCPUs (its clocks and timers stop with them).
+    Pause {
+        /// VM id.
+        id: String,
+    },
+    /// Let a paused VM run again.
+    Resume {
+        /// VM id.
+        id: String,
+    },
+    /// Start N new VMs that continue from a running VM's present state (prints their ids).
+    Fork {
+        /// VM id.
+        id: String,
+        /// How many.
+        #[arg(default_value_t = 1)]
+        n: usize,
+    },
+    /// Save, list and remove snapshots of running VMs.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: cmd_snapshot::SnapshotCmd,
     },
     /// Run a command in a running VM.
     Exec {
@@ -272,6 +320,10 @@ fn main() -> ExitCode {
         } => cmd_vm::create(&create, &vm, no_start).map(|_| 0),
         Cmd::Start { id } => cmd_vm::start(&id).map(|_| 0),
         Cmd::Exec { id, exec } => cmd_vm::exec(&id, &exec),
+        Cmd::Pause { id } => cmd_snapshot::pause(&id, true).map(|_| 0),
+        Cmd::Resume { id } => cmd_snapshot::pause(&id, false).map(|_| 0),
+        Cmd::Fork { id, n } => cmd_snapshot::fork(&id, n).map(|_| 0),
+        Cmd::Snapshot { cmd } => cmd_snapshot::run(cmd).map(|_| 0),
         Cmd::Stop { id, force } => cmd_vm::stop(&id, force).map(|_| 0),
         Cmd::Rm { ids, force } => cmd_vm::rm(&ids, force).map(|_| 0),
         Cmd::Ls { json } => cmd_vm::ls(json).map(|_| 0),

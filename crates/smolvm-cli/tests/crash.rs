@@ -116,7 +116,11 @@ fn killing_everything_at_once_is_repaired_by_gc() {
         kill9(pid);
     }
     let _ = client.wait();
-    wait_for(10, "the processes to die", || processes_of(&dir).is_empty());
+    // A process that is dying loses its command line (with its memory) before it closes
+    // its files, and the VM's lock goes only with the last descriptor: wait for both.
+    wait_for(10, "the processes to die", || {
+        processes_of(&dir).is_empty() && !smolvm::supervisor::is_running(&dir)
+    });
     // `ls` never shows a dead VM as running.
     let ls: serde_json::Value = serde_json::from_slice(&cli(&["ls", "--json"]).stdout).unwrap();
     if let Some(v) = ls
@@ -206,6 +210,12 @@ fn gc_removes_orphan_directories_and_their_processes() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // `spawn` returns once the child has left the parent's memory, but the kernel fills in
+    // the new program's command line a moment later: until then it names nothing.
+    let stray_pid = stray.id();
+    wait_for(10, "the stray's command line", || {
+        processes_of(&dir).contains(&stray_pid)
+    });
     let out = cli(&["gc", "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
@@ -222,4 +232,57 @@ fn gc_removes_orphan_directories_and_their_processes() {
         report["removed_dirs"].as_array().unwrap().is_empty(),
         "{report}"
     );
+}
+
+#[test]
+fn gc_running_beside_creates_and_deletes_breaks_none_of_them() {
+    let _serial = serial();
+    // `smolvm gc` in a loop, as a user (or a cron job) may run it while an agent works.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut passes = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = cli(&["gc", "--json"]);
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                passes += 1;
+            }
+            passes
+        })
+    };
+    let rt = runtime();
+    for i in 0..20 {
+        let retain = i % 4 == 0;
+        let vm = rt
+            .create(smolvm::VmConfig {
+                retain_disk_on_delete: retain,
+                ..common::small()
+            })
+            .unwrap_or_else(|e| panic!("create {i} beside gc: {e}"));
+        let disk = std::path::PathBuf::from(vm.info().unwrap().disk_path);
+        assert!(disk.is_file(), "create {i}: its disk");
+        let (id, dir) = (vm.id().to_string(), vm.dir().to_path_buf());
+        let kept = vm
+            .delete()
+            .unwrap_or_else(|e| panic!("delete {i} beside gc: {e}"));
+        assert_gone(&id, &dir);
+        if let Some(kept) = kept {
+            assert!(retain);
+            assert!(
+                smolvm::disk::backing_chain(&kept).is_ok(),
+                "{i}: kept disk readable"
+            );
+            std::fs::remove_file(&kept).unwrap();
+            let _ = std::fs::remove_file(kept.with_extension("json"));
+            let _ = std::fs::remove_file(kept.with_extension("rootfs"));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let passes = looping.join().unwrap();
+    assert!(passes >= 2, "gc ran {passes} times");
 }

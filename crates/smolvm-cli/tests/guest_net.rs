@@ -13,10 +13,13 @@ use std::net::{Ipv4Addr, TcpListener};
 use common::{boot, cli, sh, small};
 use smolvm::{NetworkMode, Vm, VmConfig};
 
+/// These tests are about the kernel command line, read at a cold boot (VMs resumed from a
+/// template get their network from the host instead: see tests/snapshot.rs and network.rs).
 fn user_mode(boot_args: Option<&str>) -> VmConfig {
     VmConfig {
         network: NetworkMode::User,
         boot_args: boot_args.map(str::to_owned),
+        snapshot: false,
         ..small()
     }
 }

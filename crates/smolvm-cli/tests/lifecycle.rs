@@ -136,6 +136,10 @@ fn a_retained_disk_boots_again_with_its_data() {
     let disk = vm.delete().unwrap().expect("disk retained");
     assert_gone(&id, &dir);
     assert!(disk.is_file() && disk.starts_with(runtime().paths().disks_dir()));
+    // It builds on its own link to the image's root file system, beside it.
+    let chain = smolvm::disk::backing_chain(&disk).unwrap();
+    assert_eq!(chain.len(), 2, "{chain:?}");
+    assert_eq!(chain[1].0, disk.with_extension("rootfs"));
 
     let again = boot(VmConfig {
         disk_path: Some(disk.clone()),
@@ -147,6 +151,10 @@ fn a_retained_disk_boots_again_with_its_data() {
     assert!(disk.is_file());
     std::fs::remove_file(&disk).unwrap();
     let _ = std::fs::remove_file(disk.with_extension("json"));
+    // Its link goes with a gc 10 minutes on (a fresh one may be a disk's being made).
+    let report = runtime().gc().unwrap();
+    assert!(disk.with_extension("rootfs").exists(), "{report:?}");
+    std::fs::remove_file(disk.with_extension("rootfs")).unwrap();
 }
 
 #[test]
@@ -173,8 +181,11 @@ fn a_shared_disk_runs_one_vm_at_a_time_and_keeps_its_writes() {
     for vm in [a, b] {
         vm.delete().unwrap();
     }
-    // The shared disk outlives its VMs (that is what it is for).
+    // The shared disk outlives its VMs (that is what it is for), on its own link to the
+    // image's root file system.
     assert!(disk.is_file());
+    let chain = smolvm::disk::backing_chain(&disk).unwrap();
+    assert_eq!(chain[1].0, disk.with_extension("rootfs"), "{chain:?}");
 }
 
 #[test]

@@ -132,6 +132,28 @@ impl GuestNet {
         Ok(Some(net))
     }
 
+    /// This configuration with the `smolvm.*` network parameters found in `args` (a kernel
+    /// command line; the last of each wins) laid over it, as a guest booted with this
+    /// configuration's arguments followed by `args` would see it.
+    pub fn overridden_by(&self, args: &str) -> Result<GuestNet, ProtocolError> {
+        let own = self.to_kernel_args();
+        let line = format!("{own} {args}");
+        let last = |name: &str| {
+            line.split_whitespace()
+                .rev()
+                .filter_map(|t| t.split_once('='))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v)
+        };
+        let net = GuestNet::from_params(
+            last(PARAM_IP),
+            last(PARAM_GW),
+            last(PARAM_DNS),
+            last(PARAM_MTU),
+        )?;
+        Ok(net.unwrap_or_else(|| self.clone()))
+    }
+
     /// Checks the values a caller may have built by hand: what [`GuestNet::from_params`]
     /// would refuse after a round trip through [`GuestNet::to_kernel_args`].
     pub fn validate(&self) -> Result<(), ProtocolError> {
@@ -476,5 +498,21 @@ mod tests {
         for net in bad {
             assert!(net.validate().is_err(), "{net:?}");
         }
+    }
+
+    #[test]
+    fn user_arguments_override_the_hosts_network() {
+        let net = GuestNet::user_mode();
+        let same = net.overridden_by("quiet foo=bar").unwrap();
+        assert_eq!(same, net);
+        let mtu = net.overridden_by("smolvm.mtu=1400").unwrap();
+        assert_eq!(mtu.mtu, 1400);
+        assert_eq!(mtu.addr, net.addr);
+        let moved = net
+            .overridden_by("smolvm.ip=10.0.2.20/24 smolvm.mtu=1300 smolvm.mtu=1280")
+            .unwrap();
+        assert_eq!(moved.addr, Ipv4Addr::new(10, 0, 2, 20));
+        assert_eq!(moved.mtu, 1280);
+        assert!(net.overridden_by("smolvm.mtu=64").is_err());
     }
 }

@@ -88,6 +88,12 @@ pub enum HostMessage {
         /// The guest port (1-65535).
         port: u16,
     },
+    /// Gives the guest a new network identity (generation 4): the agent sets this address,
+    /// prefix, gateway, MTU and DNS on its first Ethernet interface, replacing what it had,
+    /// and forgets the neighbours it knew. Sent to a guest restored from a snapshot, whose
+    /// kernel command line still names the snapshot's network. Answered with
+    /// [`GuestMessage::Ok`] or [`GuestMessage::Error`].
+    Network(crate::boot::GuestNet),
 }
 
 /// A change to the guest's persistent environment, applied in order: `clear`, `unset`, `set`.
@@ -178,6 +184,17 @@ pub enum ApiRequest {
     },
     /// List the forwards the supervisor serves now; answered with [`ApiReply::Forwards`].
     Forwards,
+    /// Freeze the VM's vCPUs (generation 4); answered with [`ApiReply::Ok`]. Commands wait
+    /// until it is resumed.
+    Pause,
+    /// Let a paused VM run again; answered with [`ApiReply::Ok`].
+    Resume,
+    /// Save the VM's memory, device state and disk into `dir` (a new, private directory the
+    /// client made), then let the VM go on as it was; answered with [`ApiReply::Ok`].
+    Snapshot {
+        /// The directory to write into.
+        dir: String,
+    },
 }
 
 /// Supervisor-to-client replies for requests other than exec.

@@ -71,7 +71,7 @@ fn wire_format_snapshot_v2() {
 /// Generation 3: port forwarding (`Connect`, `Expose`, `Unexpose`, `Forwards`).
 #[test]
 fn wire_format_snapshot_v3() {
-    assert_eq!(PROTOCOL_VERSION, 3);
+    const { assert!(PROTOCOL_VERSION >= 3) };
     // 8080 as a varint is 0x90 0x3f.
     assert_eq!(
         encode(&HostMessage::Connect { port: 8080 }).unwrap(),
@@ -113,6 +113,34 @@ fn wire_format_snapshot_v3() {
     want.extend_from_slice(b"127.0.0.1");
     want.extend_from_slice(&[0x90, 0x3f, 80]);
     assert_eq!(encode(&ApiReply::Forwards(vec![info])).unwrap(), want);
+}
+
+/// Generation 4: snapshots (`Network`, `Pause`, `Resume`, `Snapshot`).
+#[test]
+fn wire_format_snapshot_v4() {
+    assert_eq!(PROTOCOL_VERSION, 4);
+    let net = crate::boot::GuestNet {
+        addr: std::net::Ipv4Addr::new(172, 16, 0, 2),
+        prefix: 32,
+        gateway: std::net::Ipv4Addr::new(172, 16, 0, 1),
+        dns: vec![std::net::Ipv4Addr::new(9, 9, 9, 9)],
+        mtu: 1500,
+    };
+    // An address is a length-prefixed tuple of four octets in postcard.
+    let want = vec![
+        9, 172, 16, 0, 2, 32, 172, 16, 0, 1, 1, 9, 9, 9, 9, 0xdc, 0x0b,
+    ];
+    assert_eq!(encode(&HostMessage::Network(net.clone())).unwrap(), want);
+    assert_eq!(
+        decode::<HostMessage>(&want).unwrap(),
+        HostMessage::Network(net)
+    );
+    assert_eq!(encode(&ApiRequest::Pause).unwrap(), vec![7]);
+    assert_eq!(encode(&ApiRequest::Resume).unwrap(), vec![8]);
+    assert_eq!(
+        encode(&ApiRequest::Snapshot { dir: "/s".into() }).unwrap(),
+        vec![9, 2, b'/', b's']
+    );
 }
 
 #[test]

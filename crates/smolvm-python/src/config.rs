@@ -29,6 +29,7 @@ pub const FIELDS: &[&str] = &[
     "egress",
     "allow_egress",
     "deny_egress",
+    "snapshot",
 ];
 
 fn bad(py: Python<'_>, field: &'static str, v: &Bound<'_, PyAny>, allowed: &str) -> PyErr {
@@ -93,7 +94,13 @@ fn path(py: Python<'_>, field: &'static str, v: &Bound<'_, PyAny>) -> PyResult<P
 
 /// Builds and validates a runtime config from `fields`; unknown names are refused.
 pub fn from_dict(py: Python<'_>, fields: &Bound<'_, PyDict>) -> PyResult<VmConfig> {
-    let mut c = VmConfig::default();
+    apply(py, VmConfig::default(), fields)
+}
+
+/// `base` with `fields` set on it (a `None` value keeps the base's), validated; unknown
+/// names are refused.
+pub fn apply(py: Python<'_>, base: VmConfig, fields: &Bound<'_, PyDict>) -> PyResult<VmConfig> {
+    let mut c = base;
     for (k, v) in fields.iter() {
         let key: String = k.extract()?;
         let Some(field) = FIELDS.iter().copied().find(|f| *f == key) else {
@@ -107,7 +114,7 @@ pub fn from_dict(py: Python<'_>, fields: &Bound<'_, PyDict>) -> PyResult<VmConfi
             ));
         };
         if v.is_none() {
-            // None means "the default" for every field.
+            // None means "the default" (or the base's value) for every field.
             continue;
         }
         match field {
@@ -133,6 +140,12 @@ pub fn from_dict(py: Python<'_>, fields: &Bound<'_, PyDict>) -> PyResult<VmConfi
                     return Err(bad(py, field, &v, "True or False"));
                 }
                 c.retain_disk_on_delete = v.extract()?;
+            }
+            "snapshot" => {
+                if !v.is_instance_of::<PyBool>() {
+                    return Err(bad(py, field, &v, "True or False"));
+                }
+                c.snapshot = v.extract()?;
             }
             "env_vars" => {
                 let d = v
@@ -181,6 +194,7 @@ pub fn to_dict<'py>(py: Python<'py>, c: &VmConfig) -> PyResult<Bound<'py, PyDict
     d.set_item("egress", c.egress.to_string())?;
     d.set_item("allow_egress", c.allow_egress.clone())?;
     d.set_item("deny_egress", c.deny_egress.clone())?;
+    d.set_item("snapshot", c.snapshot)?;
     Ok(d)
 }
 

@@ -68,6 +68,10 @@ pub fn to_py(py: Python<'_>, err: Error) -> PyErr {
             msg,
             &[("vm_id", obj(py, id)), ("reason", obj(py, reason))],
         ),
+        Error::SnapshotNotFound(name) => {
+            raise(py, "SnapshotNotFoundError", msg, &[("name", obj(py, name))])
+        }
+        Error::Snapshot(_) => raise(py, "SnapshotError", msg, &[]),
         Error::Image(_) => raise(py, "ImageError", msg, &[]),
         Error::MissingTool { .. } | Error::Store { .. } | Error::Io { .. } | Error::Qmp(_) => {
             raise(py, "HostError", msg, &[])

@@ -30,6 +30,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<exec::ExecStream>()?;
     m.add_function(wrap_pyfunction!(config::validate_config, m)?)?;
     m.add_function(wrap_pyfunction!(vm::list_vms, m)?)?;
+    m.add_function(wrap_pyfunction!(vm::list_snapshots, m)?)?;
+    m.add_function(wrap_pyfunction!(vm::open_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(vm::delete_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(set_supervisor_binary, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(images::default_images_dir, m)?)?;

@@ -7,7 +7,8 @@ use std::sync::Mutex;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
-use smolvm::{Runtime, Vm as RtVm};
+use smolvm::snapshot::{Kind, Saved};
+use smolvm::{Owner, Runtime, Vm as RtVm};
 
 use crate::config;
 use crate::errors::{to_py, MapPy};
@@ -53,6 +54,34 @@ impl Vm {
         Ok(Vm { vm })
     }
 
+    /// Records a new VM (not started) that resumes from snapshot `name` at its start: the
+    /// snapshot's config with `fields` set over it (a `None` keeps the snapshot's value).
+    /// The shape must stay the snapshot's; a field that cannot differ is refused naming it,
+    /// and nothing is created. `owned` as in `create`.
+    #[staticmethod]
+    fn create_from_snapshot(
+        py: Python<'_>,
+        name: String,
+        fields: &Bound<'_, PyDict>,
+        owned: bool,
+    ) -> PyResult<Vm> {
+        let rt = runtime(py)?;
+        let saved = {
+            let rt = rt.clone();
+            let name = name.clone();
+            py.allow_threads(move || smolvm::snapshot::open_named(rt.paths(), &name))
+                .map_py(py)?
+        };
+        let base = rt.config_from_snapshot(&saved);
+        let cfg = config::apply(py, base.clone(), fields)?;
+        fixed_by_snapshot(py, &saved, &base, &cfg)?;
+        let owner = if owned { Owner::current() } else { None };
+        let vm = py
+            .allow_threads(move || rt.create_from_snapshot(&name, cfg, owner))
+            .map_py(py)?;
+        Ok(Vm { vm })
+    }
+
     /// A handle on an existing VM.
     #[staticmethod]
     fn open(py: Python<'_>, vm_id: String) -> PyResult<Vm> {
@@ -77,6 +106,7 @@ impl Vm {
         d.set_item("already_running", t.already_running)?;
         d.set_item("kernel_release", t.guest.kernel_release)?;
         d.set_item("guest_boot_ms", t.guest.boot_ms)?;
+        d.set_item("restored", t.restored)?;
         Ok(d)
     }
 
@@ -90,6 +120,40 @@ impl Vm {
     fn delete(&self, py: Python<'_>) -> PyResult<Option<String>> {
         let kept = py.allow_threads(|| self.vm.delete()).map_py(py)?;
         Ok(kept.map(|p| p.display().to_string()))
+    }
+
+    /// Freezes the VM's vCPUs (guest clocks and timers stop); commands are refused until
+    /// `resume`.
+    fn pause(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.vm.pause()).map_py(py)
+    }
+
+    /// Lets a paused VM run again.
+    fn resume(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.vm.resume()).map_py(py)
+    }
+
+    /// Saves the running (or paused) VM as snapshot `name`; returns its description.
+    fn snapshot<'py>(&self, py: Python<'py>, name: String) -> PyResult<Bound<'py, PyDict>> {
+        let saved = py.allow_threads(|| self.vm.snapshot(&name)).map_py(py)?;
+        let size = py.allow_threads(|| saved.size_bytes());
+        saved_dict(py, &saved, size)
+    }
+
+    /// `n` new running VMs continuing from this one's present state (same owner).
+    fn fork(&self, py: Python<'_>, n: i64) -> PyResult<Vec<Vm>> {
+        let n = usize::try_from(n).map_err(|_| {
+            to_py(
+                py,
+                smolvm::Error::InvalidConfig {
+                    field: "n",
+                    value: n.to_string(),
+                    allowed: format!("1 to {} forks at once", smolvm::snapshot::ops::MAX_FORKS),
+                },
+            )
+        })?;
+        let vms = py.allow_threads(|| self.vm.fork(n)).map_py(py)?;
+        Ok(vms.into_iter().map(|vm| Vm { vm }).collect())
     }
 
     /// Unties the VM from this process: it outlives it.
@@ -285,6 +349,135 @@ fn port(py: Python<'_>, field: &'static str, p: i64, zero_ok: bool) -> PyResult<
                 },
             },
         )),
+    }
+}
+
+/// Refuses overrides of what a VM made from a snapshot cannot change: the files its disk
+/// and memory were made from, and the resume itself.
+fn fixed_by_snapshot(
+    py: Python<'_>,
+    saved: &Saved,
+    base: &smolvm::VmConfig,
+    cfg: &smolvm::VmConfig,
+) -> PyResult<()> {
+    let name = &saved.meta.name;
+    let refuse = |field: &'static str, value: String, want: String| {
+        Err(to_py(
+            py,
+            smolvm::Error::InvalidConfig {
+                field,
+                value,
+                allowed: format!(
+                    "{want}, as in snapshot {name:?} (a VM made from a snapshot resumes its \
+                     disk and memory)"
+                ),
+            },
+        ))
+    };
+    let show = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "None".into())
+    };
+    if cfg.image != base.image {
+        return refuse("image", cfg.image.clone(), format!("{:?}", base.image));
+    }
+    for (field, got, want) in [
+        ("kernel_path", &cfg.kernel_path, &base.kernel_path),
+        ("initrd_path", &cfg.initrd_path, &base.initrd_path),
+        ("rootfs_path", &cfg.rootfs_path, &base.rootfs_path),
+    ] {
+        if got != want {
+            return refuse(field, show(got), show(want));
+        }
+    }
+    if cfg.disk_size_mib != base.disk_size_mib {
+        return refuse(
+            "disk_size_mib",
+            format!("{:?}", cfg.disk_size_mib),
+            format!("{:?}", base.disk_size_mib),
+        );
+    }
+    if !cfg.snapshot {
+        return refuse("snapshot", "False".into(), "True".into());
+    }
+    Ok(())
+}
+
+/// A saved state's description (`SnapshotInfo` fields).
+fn saved_dict<'py>(py: Python<'py>, s: &Saved, size_bytes: u64) -> PyResult<Bound<'py, PyDict>> {
+    let m = &s.meta;
+    let d = PyDict::new(py);
+    d.set_item("name", &m.name)?;
+    d.set_item(
+        "kind",
+        match m.kind {
+            Kind::Template => "template",
+            Kind::Snapshot => "snapshot",
+            Kind::Fork => "fork",
+        },
+    )?;
+    d.set_item("image", &m.image)?;
+    d.set_item("vcpu_count", m.vcpus)?;
+    d.set_item("mem_size_mib", m.mem_mib)?;
+    d.set_item("source_vm", &m.source_vm)?;
+    d.set_item("created_at", m.created_at)?;
+    d.set_item("size_bytes", size_bytes)?;
+    d.set_item("path", s.dir.display().to_string())?;
+    d.set_item("accelerator", m.accelerator.to_string())?;
+    Ok(d)
+}
+
+/// Every named snapshot (and states kept for forks), by name.
+#[pyfunction]
+pub fn list_snapshots<'py>(py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    let rt = runtime(py)?;
+    let listed = py
+        .allow_threads(|| {
+            rt.snapshots().map(|all| {
+                all.into_iter()
+                    .map(|s| {
+                        let size = s.size_bytes();
+                        (s, size)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .map_py(py)?;
+    listed
+        .iter()
+        .map(|(s, size)| saved_dict(py, s, *size))
+        .collect()
+}
+
+/// The named snapshot's description.
+#[pyfunction]
+pub fn open_snapshot<'py>(py: Python<'py>, name: String) -> PyResult<Bound<'py, PyDict>> {
+    let rt = runtime(py)?;
+    let (saved, size) = py
+        .allow_threads(|| {
+            smolvm::snapshot::open_named(rt.paths(), &name).map(|s| {
+                let size = s.size_bytes();
+                (s, size)
+            })
+        })
+        .map_py(py)?;
+    saved_dict(py, &saved, size)
+}
+
+/// Removes a named snapshot; refused (SnapshotError) while VMs build on it.
+#[pyfunction]
+pub fn delete_snapshot(py: Python<'_>, name: String) -> PyResult<()> {
+    let rt = runtime(py)?;
+    match py.allow_threads(|| rt.remove_snapshot(&name)) {
+        Ok(()) => Ok(()),
+        Err(smolvm::Error::BadState { id, state, hint }) => Err(crate::errors::raise(
+            py,
+            "SnapshotError",
+            format!("snapshot {id:?} is {state}: {hint}"),
+            &[],
+        )),
+        Err(e) => Err(to_py(py, e)),
     }
 }
 

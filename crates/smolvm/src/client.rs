@@ -157,6 +157,15 @@ impl ApiClient {
         }
     }
 
+    /// Pauses, resumes or snapshots the VM (`req` is `Pause`, `Resume` or `Snapshot`).
+    pub fn control(&self, req: &ApiRequest) -> Result<()> {
+        match self.request(req, Duration::from_secs(160))? {
+            ApiReply::Ok => Ok(()),
+            ApiReply::Error(e) => Err(Error::Snapshot(e)),
+            _ => Err(self.gone("unexpected reply to a pause, resume or snapshot")),
+        }
+    }
+
     /// Changes (or, with an empty update, reads) the guest's persistent environment.
     pub fn env(&self, update: EnvUpdate) -> Result<Vec<(String, String)>> {
         match self.request(&ApiRequest::Env(update), Duration::from_secs(20))? {

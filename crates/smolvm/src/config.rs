@@ -197,6 +197,10 @@ pub struct VmConfig {
     /// Environment variables persisted in the guest for every command (never written to
     /// the state database).
     pub env_vars: BTreeMap<String, String>,
+    /// Start from the image's booted template (made the first time a shape is used) instead
+    /// of booting the kernel; `false` always boots cold. Only a VM's first start of an
+    /// isolated disk from an image can use one; the others boot cold.
+    pub snapshot: bool,
 }
 
 impl Default for VmConfig {
@@ -219,6 +223,7 @@ impl Default for VmConfig {
             disk_path: None,
             disk_size_mib: None,
             env_vars: BTreeMap::new(),
+            snapshot: true,
         }
     }
 }

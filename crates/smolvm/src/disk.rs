@@ -17,6 +17,10 @@ const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 /// Name of an isolated VM's overlay inside its directory.
 pub const OVERLAY_NAME: &str = "disk.qcow2";
 
+/// Name of a directory's own hard link to the image root file system its disk builds on (a
+/// VM's, a snapshot's), so rebuilding or removing the image never changes that disk.
+pub const ROOTFS_LINK: &str = "rootfs.ext4";
+
 /// On-disk format of a disk image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -80,6 +84,28 @@ fn qemu_img() -> Result<PathBuf> {
     })
 }
 
+/// Runs qemu-img with `args`; its standard output, or an error that starts with `what` (what
+/// could not be done) and ends with qemu-img's own words.
+fn run_qemu_img<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+    what: impl FnOnce() -> String,
+) -> Result<Vec<u8>> {
+    let out = Command::new(qemu_img()?)
+        .args(args)
+        .output()
+        .map_err(io_err("running qemu-img"))?;
+    if !out.status.success() {
+        let said = String::from_utf8_lossy(&out.stderr);
+        // A qemu-img that was killed says nothing: its exit status is the only clue.
+        let why = match said.trim() {
+            "" => out.status.to_string(),
+            said => said.to_string(),
+        };
+        return Err(Error::Disk(format!("qemu-img could not {}: {why}", what())));
+    }
+    Ok(out.stdout)
+}
+
 /// Creates `overlay` as a qcow2 whose backing file is `base` (read, never written), of
 /// `size_mib` when given (at least the base's size).
 pub fn create_overlay(base: &Path, overlay: &Path, size_mib: Option<u64>) -> Result<()> {
@@ -97,20 +123,170 @@ pub fn create_overlay(base: &Path, overlay: &Path, size_mib: Option<u64>) -> Res
             });
         }
     }
-    let mut cmd = Command::new(qemu_img()?);
-    cmd.args(["create", "-q", "-f", "qcow2", "-F", format.as_str(), "-b"])
-        .arg(base)
-        .arg(overlay);
+    let mut args: Vec<std::ffi::OsString> =
+        ["create", "-q", "-f", "qcow2", "-F", format.as_str(), "-b"]
+            .iter()
+            .map(Into::into)
+            .collect();
+    args.push(base.into());
+    args.push(overlay.into());
     if let Some(mib) = size_mib {
-        cmd.arg(format!("{mib}M"));
+        args.push(format!("{mib}M").into());
     }
-    let out = cmd.output().map_err(io_err("running qemu-img"))?;
-    if !out.status.success() {
+    run_qemu_img(args, || {
+        format!("create the disk overlay {}", overlay.display())
+    })?;
+    Ok(())
+}
+
+/// Longest backing chain read (a VM's overlay, a template's or snapshot's disk, the image).
+const MAX_CHAIN: usize = 16;
+
+/// Largest `qemu-img info` answer read.
+const MAX_INFO_BYTES: usize = 1 << 20;
+
+/// The files of `disk`'s backing chain with their formats, `disk` first and the bottom (an
+/// image's root filesystem) last. Works on disks a running VM has open.
+pub fn backing_chain(disk: &Path) -> Result<Vec<(PathBuf, DiskFormat)>> {
+    #[derive(Deserialize)]
+    struct Layer {
+        filename: PathBuf,
+        format: String,
+    }
+    let out = run_qemu_img(
+        [
+            "info".as_ref(),
+            "-U".as_ref(),
+            "--backing-chain".as_ref(),
+            "--output=json".as_ref(),
+            disk.as_os_str(),
+        ],
+        || format!("read the backing chain of {}", disk.display()),
+    )?;
+    if out.len() > MAX_INFO_BYTES {
         return Err(Error::Disk(format!(
-            "qemu-img could not create the disk overlay {}: {}",
-            overlay.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
+            "qemu-img said more than {MAX_INFO_BYTES} bytes about {}",
+            disk.display()
         )));
+    }
+    let layers: Vec<Layer> = serde_json::from_slice(&out).map_err(|e| {
+        Error::Disk(format!(
+            "unexpected qemu-img answer for {}: {e}",
+            disk.display()
+        ))
+    })?;
+    if layers.is_empty() || layers.len() > MAX_CHAIN {
+        return Err(Error::Disk(format!(
+            "the backing chain of {} has {} layers (1 to {MAX_CHAIN} are allowed)",
+            disk.display(),
+            layers.len()
+        )));
+    }
+    Ok(layers
+        .into_iter()
+        .map(|l| {
+            let format = if l.format == "qcow2" {
+                DiskFormat::Qcow2
+            } else {
+                DiskFormat::Raw
+            };
+            (l.filename, format)
+        })
+        .collect())
+}
+
+/// Rewrites `disk`, a qcow2 overlay no VM has open, to build directly on the bottom of its
+/// backing chain (the image's root filesystem), holding every difference from it. The
+/// layers between (a template's or a snapshot's disk) are then no longer needed: a disk
+/// that outlives its VM (a snapshot's, a retained one) depends on nothing but its image.
+pub fn flatten_onto_base(disk: &Path) -> Result<()> {
+    let chain = backing_chain(disk)?;
+    if chain.len() <= 2 {
+        return Ok(());
+    }
+    let Some((base, format)) = chain.last() else {
+        return Ok(());
+    };
+    // Safe mode: the data of the layers in between is copied into `disk` (only what they
+    // hold above the base is compared, so this is quick).
+    rebase(disk, base, *format, true)
+}
+
+/// `qemu-img rebase` of the qcow2 `disk` onto `backing`: `safe` copies into `disk` whatever
+/// differs between its old chain and the new one; otherwise only the header changes.
+fn rebase(disk: &Path, backing: &Path, format: DiskFormat, safe: bool) -> Result<()> {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["rebase".as_ref(), "-q".as_ref()];
+    if !safe {
+        args.push("-u".as_ref());
+    }
+    args.extend::<[&std::ffi::OsStr; 6]>([
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        format.as_str().as_ref(),
+        "-b".as_ref(),
+        backing.as_os_str(),
+    ]);
+    args.push(disk.as_os_str());
+    run_qemu_img(args, || {
+        format!("rebase {} onto {}", disk.display(), backing.display())
+    })?;
+    Ok(())
+}
+
+/// Gives `dir` its own name for `backing` (a hard link, `link_name`, replaced atomically), so
+/// the file lives as long as either does; returns the path to build on. Where a link cannot
+/// be made (another file system) `backing` itself is returned.
+pub fn link_backing(backing: &Path, dir: &Path, link_name: &str) -> PathBuf {
+    let link = dir.join(link_name);
+    if same_file(backing, &link) {
+        return link;
+    }
+    let tmp = dir.join(format!(".{link_name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let made = std::fs::hard_link(backing, &tmp).and_then(|()| std::fs::rename(&tmp, &link));
+    let _ = std::fs::remove_file(&tmp);
+    match made {
+        Ok(()) => link,
+        Err(e) => {
+            tracing::debug!(backing = %backing.display(), "no hard link ({e}); building on the file itself");
+            backing.to_path_buf()
+        }
+    }
+}
+
+/// Whether two paths name the same file (device and inode); false if either is missing.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Points the qcow2 `disk` at `backing` (of `format`) without touching its data: only right
+/// when `backing` holds what its old backing file held (the same file by another name, or
+/// a copy).
+pub fn set_backing(disk: &Path, backing: &Path, format: DiskFormat) -> Result<()> {
+    rebase(disk, backing, format, false)
+}
+
+/// Makes `disk`, a qcow2 that outlives the directory it was made in (a snapshot's copy, a
+/// retained disk), depend on nothing but its own link to the image root file system at the
+/// bottom of its chain: the layers between are flattened into it ([`flatten_onto_base`]),
+/// the link is made as `link_name` in `dir`, and the disk is pointed at it under `final_dir`
+/// (where `dir` is about to be renamed to; `dir` itself if it stays).
+pub fn adopt_base(disk: &Path, dir: &Path, final_dir: &Path, link_name: &str) -> Result<()> {
+    flatten_onto_base(disk)?;
+    let chain = backing_chain(disk)?;
+    if chain.len() < 2 {
+        return Ok(());
+    }
+    let Some((base, format)) = chain.last() else {
+        return Ok(());
+    };
+    if link_backing(base, dir, link_name) != *base {
+        set_backing(disk, &final_dir.join(link_name), *format)?;
     }
     Ok(())
 }
@@ -122,12 +298,18 @@ pub fn shared_disk(disks_dir: &Path, image: &str, base: &Path) -> Result<PathBuf
     if path.exists() {
         return Ok(path);
     }
-    // Create beside it and link into place, so racing creators agree on one disk.
+    // Create beside it and link into place, so racing creators agree on one disk. It builds
+    // on its own link to the image's root file system: rebuilding the image leaves it as is.
     let tmp = disks_dir.join(format!(
         ".shared-{image}.{}.tmp",
         crate::util::now_unix_ns()
     ));
-    create_overlay(base, &tmp, None)?;
+    let base = link_backing(
+        base,
+        disks_dir,
+        &format!("shared-{image}{BESIDE_ROOTFS_SUFFIX}"),
+    );
+    create_overlay(&base, &tmp, None)?;
     let linked = std::fs::hard_link(&tmp, &path);
     let _ = std::fs::remove_file(&tmp);
     match linked {
@@ -136,6 +318,11 @@ pub fn shared_disk(disks_dir: &Path, image: &str, base: &Path) -> Result<PathBuf
         Err(e) => Err(io_err(format!("creating {}", path.display()))(e)),
     }
 }
+
+/// Ending of the own link to its image root file system that a disk in the disks directory
+/// (retained, or an image's shared disk) keeps beside it: `<name>.rootfs` beside
+/// `<name>.qcow2`.
+pub const BESIDE_ROOTFS_SUFFIX: &str = ".rootfs";
 
 /// What is recorded beside a retained disk, so it can be booted again knowingly.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,6 +352,14 @@ pub fn retain(
         // An older retained disk of a VM with the same id: keep both.
         dest = disks_dir.join(format!("{vm_id}-{}.qcow2", crate::util::now_unix()));
     }
+    // It outlives its VM's directory, and the link to the image's root file system there:
+    // it gets its own, `<name>.rootfs` beside it (`smolvm gc` removes one left alone). Done
+    // before the move, so a failure leaves the VM as it was.
+    let link_name = format!(
+        "{}{BESIDE_ROOTFS_SUFFIX}",
+        dest.file_stem().unwrap_or_default().to_string_lossy()
+    );
+    adopt_base(overlay, disks_dir, disks_dir, &link_name)?;
     std::fs::rename(overlay, &dest).map_err(io_err(format!(
         "moving {} to {}",
         overlay.display(),
@@ -227,5 +422,80 @@ mod tests {
         assert!(lock(&ov).unwrap_err().to_string().contains("in use"));
         drop(held);
         lock(&ov).unwrap();
+    }
+
+    /// Writes `pattern` over 64 KiB at `offset` of a qcow2 with qemu-io.
+    fn write(disk: &Path, offset: &str, pattern: &str) {
+        let ok = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c"])
+            .arg(format!("write -P {pattern} {offset} 64k"))
+            .arg(disk)
+            .output()
+            .unwrap();
+        assert!(ok.status.success(), "{ok:?}");
+    }
+
+    /// Whether `disk` reads `pattern` over 64 KiB at `offset`.
+    fn reads(disk: &Path, offset: &str, pattern: &str) -> bool {
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c"])
+            .arg(format!("read -P {pattern} {offset} 64k"))
+            .arg(disk)
+            .output()
+            .unwrap();
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("mismatch")
+    }
+
+    #[test]
+    fn a_flattened_disk_needs_only_the_base_and_keeps_every_layer() {
+        if qemu_img().is_err() || crate::util::which("qemu-io").is_none() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.ext4");
+        std::fs::write(&base, vec![0u8; 4 << 20]).unwrap();
+        // base <- mid (a template's disk) <- top (a VM's overlay, copied for a snapshot).
+        let mid = dir.path().join("mid.qcow2");
+        let top = dir.path().join("top.qcow2");
+        create_overlay(&base, &mid, None).unwrap();
+        write(&mid, "0", "0xab");
+        write(&mid, "1M", "0xcd");
+        let linked = link_backing(&mid, dir.path(), "link.qcow2");
+        assert_eq!(linked, dir.path().join("link.qcow2"));
+        create_overlay(&linked, &top, None).unwrap();
+        write(&top, "1M", "0xef");
+        assert_eq!(backing_chain(&top).unwrap().len(), 3);
+
+        flatten_onto_base(&top).unwrap();
+        let chain = backing_chain(&top).unwrap();
+        assert_eq!(chain.len(), 2, "{chain:?}");
+        assert_eq!(chain[1], (base.clone(), DiskFormat::Raw));
+        // Without the middle layer: its data and the top's own writes are all there.
+        std::fs::remove_file(&mid).unwrap();
+        std::fs::remove_file(&linked).unwrap();
+        assert!(reads(&top, "0", "0xab"));
+        assert!(reads(&top, "1M", "0xef"));
+        assert!(reads(&top, "2M", "0"));
+        // Flattening what already builds on the base changes nothing.
+        flatten_onto_base(&top).unwrap();
+        assert!(reads(&top, "0", "0xab"));
+        // Adopting: the disk gets its own link to the base, in a directory about to be
+        // renamed, and then needs nothing else.
+        let work = dir.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        let snap = work.join("disk.qcow2");
+        std::fs::copy(&top, &snap).unwrap();
+        let done = dir.path().join("done");
+        adopt_base(&snap, &work, &done, ROOTFS_LINK).unwrap();
+        assert!(same_file(&work.join(ROOTFS_LINK), &base));
+        std::fs::rename(&work, &done).unwrap();
+        let snap = done.join("disk.qcow2");
+        let chain = backing_chain(&snap).unwrap();
+        assert_eq!(chain[1].0, done.join(ROOTFS_LINK), "{chain:?}");
+        std::fs::remove_file(&base).unwrap();
+        assert!(reads(&snap, "0", "0xab") && reads(&snap, "1M", "0xef"));
+        // A missing file is a clear error.
+        let err = backing_chain(&dir.path().join("none.qcow2")).unwrap_err();
+        assert!(err.to_string().contains("none.qcow2"), "{err}");
     }
 }

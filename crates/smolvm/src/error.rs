@@ -134,6 +134,12 @@ pub enum Error {
     /// The VM's network (TAP device, address, nftables rules) could not be set up or removed.
     #[error("network: {0}")]
     Network(String),
+    /// Saving or restoring a VM's state (a snapshot or a template) failed.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    /// No snapshot has this name.
+    #[error("no snapshot named {0:?} (see `smolvm snapshot ls`)")]
+    SnapshotNotFound(String),
 }
 
 /// Result alias for the runtime.

@@ -35,6 +35,8 @@ pub struct GcReport {
     pub removed_chains: Vec<String>,
     /// Address allocations of VMs that no longer exist, released (`VM ADDRESS`).
     pub released_addresses: Vec<String>,
+    /// Saved states removed: fork states no VM uses, templates of rebuilt images.
+    pub removed_saved_states: Vec<String>,
 }
 
 impl GcReport {
@@ -50,6 +52,7 @@ impl GcReport {
             && self.removed_taps.is_empty()
             && self.removed_chains.is_empty()
             && self.released_addresses.is_empty()
+            && self.removed_saved_states.is_empty()
     }
 }
 
@@ -59,6 +62,32 @@ const SOCKETS: [&str; 4] = [
     files::CONSOLE_SOCK,
     files::QMP_SOCK,
 ];
+
+/// A root file system link younger than this may belong to a disk being made.
+const LINK_GRACE_SECS: i64 = 600;
+
+/// A VM recorded this recently, with no disk yet, may be a create in progress (making its
+/// directory and disk): gc leaves it and its processes (`qemu-img`) alone.
+const CREATE_GRACE_SECS: i64 = 120;
+
+/// Whether `rec` is a VM that `create` may still be making: recorded, diskless, recent.
+fn being_created(rec: &crate::store::VmRecord, now: i64) -> bool {
+    rec.state == VmState::Created
+        && rec.disk_path.is_empty()
+        && now - rec.created_at < CREATE_GRACE_SECS
+}
+
+/// Whether `path` is a disk's link to its root file system (`<name>.rootfs`) whose disk
+/// (`<name>.qcow2`) is gone, and whose inode last changed (a link made or removed) over
+/// `grace` seconds ago.
+fn orphan_link(path: &std::path::Path, grace: i64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    name.strip_suffix(crate::disk::BESIDE_ROOTFS_SUFFIX)
+        .is_some_and(|stem| !path.with_file_name(format!("{stem}.qcow2")).exists())
+        && std::fs::symlink_metadata(path)
+            .is_ok_and(|m| crate::util::now_unix() - m.ctime() > grace)
+}
 
 impl Runtime {
     /// Repairs the state left by crashed processes (see the module docs). Running VMs with
@@ -77,6 +106,9 @@ impl Runtime {
                 report.killed_processes += crate::cleanup::kill_vm_processes(&dir);
                 self.with_store(|s| crate::cleanup::remove_vm(&state_dir, s, &rec))?;
                 report.deleted_vms.push(rec.id);
+                continue;
+            }
+            if being_created(&rec, crate::util::now_unix()) {
                 continue;
             }
             if alive {
@@ -101,12 +133,19 @@ impl Runtime {
                 }
             }
         }
+        // A VM is recorded before its directory is made and forgotten after it is removed,
+        // so a directory (or a process naming one) whose VM is recorded *now* belongs to a
+        // create that began after the list above: not an orphan.
+        let recorded_now = |id: &str| self.with_store(|s| s.get(id)).is_ok_and(|r| r.is_some());
         // Directories no VM owns: a create that crashed before recording its disk, or a
         // delete that crashed half-way.
         if let Ok(rd) = std::fs::read_dir(&vms_dir) {
             for entry in rd.flatten() {
                 let dir = entry.path();
                 if known.contains(&dir) || !dir.is_dir() {
+                    continue;
+                }
+                if recorded_now(&entry.file_name().to_string_lossy()) {
                     continue;
                 }
                 report.killed_processes += crate::cleanup::kill_vm_processes(&dir);
@@ -116,20 +155,24 @@ impl Runtime {
             }
         }
         // Processes that name a VM directory that no longer exists at all.
-        report.killed_processes += kill_strays(&vms_dir, &known);
+        report.killed_processes += kill_strays(&vms_dir, |id| {
+            known.contains(&vms_dir.join(id)) || recorded_now(id)
+        });
         // Forwards whose VM is gone (their listeners died with its supervisor).
         for (id, f) in self.with_store(|s| s.remove_orphan_forwards())? {
             report.removed_forwards.push(format!("{id} {f}"));
         }
         self.gc_network(&mut report)?;
-        // Half-made shared disks.
+        self.gc_saved(&mut report);
+        // Half-made shared disks, and the links to their root file system of disks the user
+        // removed (unless just made: a disk is linked into place after its link).
         if let Ok(rd) = std::fs::read_dir(self.paths().disks_dir()) {
             for entry in rd.flatten() {
                 let p = entry.path();
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                if name.starts_with('.')
-                    && name.ends_with(".tmp")
+                let half_made = name.starts_with('.') && name.ends_with(".tmp");
+                if (half_made || orphan_link(&p, LINK_GRACE_SECS))
                     && std::fs::remove_file(&p).is_ok()
                 {
                     report.removed_files.push(p);
@@ -189,9 +232,9 @@ impl Runtime {
     }
 }
 
-/// Kills processes whose command line points into `vms_dir` at a VM directory not in
-/// `known` (its directory is already gone, so the directory scan above missed them).
-fn kill_strays(vms_dir: &Path, known: &BTreeSet<PathBuf>) -> usize {
+/// Kills processes whose command line points into `vms_dir` at a VM directory whose id is
+/// not `known` (its directory is already gone, so the directory scan above missed them).
+fn kill_strays(vms_dir: &Path, known: impl Fn(&str) -> bool) -> usize {
     let prefix = format!("{}/", vms_dir.display());
     let me = std::process::id();
     let mut killed = 0;
@@ -203,7 +246,7 @@ fn kill_strays(vms_dir: &Path, known: &BTreeSet<PathBuf>) -> usize {
             arg.find(&prefix).is_some_and(|at| {
                 let rest = &arg[at + prefix.len()..];
                 let id = rest.split(['/', ',', ' ']).next().unwrap_or("");
-                !id.is_empty() && !known.contains(&vms_dir.join(id))
+                !id.is_empty() && !known(id)
             })
         });
         if stray {
@@ -212,4 +255,100 @@ fn kill_strays(vms_dir: &Path, known: &BTreeSet<PathBuf>) -> usize {
         }
     }
     killed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::VmRecord;
+
+    /// A VM as `create` records it before making its directory and disk.
+    fn diskless(rt: &Runtime, id: &str, created_at: i64) -> VmRecord {
+        let dir = rt.paths().vm_dir(id);
+        VmRecord {
+            id: id.into(),
+            state: VmState::Created,
+            config: crate::VmConfig::default(),
+            dir: dir.display().to_string(),
+            supervisor_pid: None,
+            qemu_pid: None,
+            accelerator: None,
+            error: None,
+            created_at,
+            started_at: None,
+            disk_path: String::new(),
+            api_socket: dir.join(files::API_SOCK).display().to_string(),
+            owner: None,
+            ip: None,
+            stopped_at: None,
+            base: None,
+        }
+    }
+
+    /// A process whose command line names `path`, as `qemu-img create` names a new disk;
+    /// returned once its command line can be read (the kernel sets it just after `exec`).
+    fn naming(path: &Path) -> std::process::Child {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30"])
+            .arg(path)
+            .spawn()
+            .unwrap();
+        let needle = path.display().to_string();
+        for _ in 0..200 {
+            if crate::util::process_cmdline(child.id()).contains(&needle) {
+                return child;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the command line of {} never named {needle}", child.id());
+    }
+
+    #[test]
+    fn a_create_in_progress_keeps_its_directory_and_processes_and_a_stale_one_does_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Runtime::with_paths(crate::Paths {
+            state_dir: tmp.path().join("state"),
+            images_dir: tmp.path().join("images"),
+        })
+        .unwrap();
+        let now = crate::util::now_unix();
+        for (id, created_at, left_alone) in [
+            ("vm-making01", now, true),
+            ("vm-crashed1", now - CREATE_GRACE_SECS - 1, false),
+        ] {
+            let rec = diskless(&rt, id, created_at);
+            rt.with_store(|s| s.insert(&rec)).unwrap();
+            let dir = rt.paths().vm_dir(id);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut writer = naming(&dir.join("disk.qcow2"));
+            let report = rt.gc().unwrap();
+            assert_eq!(
+                writer.try_wait().unwrap().is_none(),
+                left_alone,
+                "{id}: {report:?}"
+            );
+            assert_eq!(report.killed_processes, usize::from(!left_alone), "{id}");
+            assert!(dir.is_dir(), "{id}: a recorded VM keeps its directory");
+            let _ = writer.kill();
+            let _ = writer.wait();
+        }
+    }
+
+    #[test]
+    fn a_root_file_system_link_is_an_orphan_once_its_disk_is_gone_a_while() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("vm-1.rootfs");
+        let disk = tmp.path().join("vm-1.qcow2");
+        std::fs::write(&link, b"").unwrap();
+        std::fs::write(&disk, b"").unwrap();
+        assert!(!orphan_link(&link, -1), "its disk is there");
+        std::fs::remove_file(&disk).unwrap();
+        assert!(orphan_link(&link, -1));
+        assert!(!orphan_link(&link, LINK_GRACE_SECS), "just made");
+        let other = tmp.path().join("vm-1.json");
+        std::fs::write(&other, b"").unwrap();
+        assert!(!orphan_link(&other, -1), "not a link");
+    }
 }

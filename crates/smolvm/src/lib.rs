@@ -24,6 +24,7 @@ mod gc;
 pub mod hypervisor;
 pub mod network;
 pub mod paths;
+pub mod snapshot;
 pub mod store;
 pub mod supervisor;
 pub mod util;

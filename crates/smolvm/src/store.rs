@@ -53,11 +53,14 @@ CREATE TABLE addresses (
     vm_id TEXT NOT NULL UNIQUE
 );
 "#,
+    r#"
+ALTER TABLE vms ADD COLUMN base TEXT;
+"#,
 ];
 
 /// The columns of a VM row, in the order [`row_to_record`] reads them.
 const COLUMNS: &str = "id, state, config, dir, supervisor_pid, qemu_pid, accelerator, error, \
-    created_at, started_at, disk_path, api_socket, owner_pid, owner_start, ip, stopped_at";
+    created_at, started_at, disk_path, api_socket, owner_pid, owner_start, ip, stopped_at, base";
 
 /// Lifecycle states of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +70,8 @@ pub enum VmState {
     Created,
     /// Supervisor and QEMU are up.
     Running,
+    /// Running, its vCPUs frozen (`pause`); `resume` lets it go on.
+    Paused,
     /// Shut down cleanly.
     Stopped,
     /// Something died; `error` says what.
@@ -74,11 +79,17 @@ pub enum VmState {
 }
 
 impl VmState {
+    /// Whether a supervisor runs the VM in this state (running or paused).
+    pub fn is_live(self) -> bool {
+        matches!(self, VmState::Running | VmState::Paused)
+    }
+
     /// The state's name as stored and shown.
     pub fn as_str(self) -> &'static str {
         match self {
             VmState::Created => "created",
             VmState::Running => "running",
+            VmState::Paused => "paused",
             VmState::Stopped => "stopped",
             VmState::Error => "error",
         }
@@ -88,6 +99,7 @@ impl VmState {
         match s {
             "created" => VmState::Created,
             "running" => VmState::Running,
+            "paused" => VmState::Paused,
             "stopped" => VmState::Stopped,
             _ => VmState::Error,
         }
@@ -133,6 +145,8 @@ pub struct VmRecord {
     pub ip: Option<String>,
     /// Last stop time, Unix seconds.
     pub stopped_at: Option<i64>,
+    /// The saved state the VM's disk builds on (`template:KEY` or `snapshot:NAME`), if any.
+    pub base: Option<String>,
 }
 
 /// A process identified so that a recycled pid is not mistaken for it.
@@ -279,13 +293,13 @@ impl Store {
 
     /// Sets a VM's state (clearing its pids unless running) and error text.
     pub fn set_state(&self, id: &str, state: VmState, error: Option<&str>) -> Result<()> {
-        let sql = if state == VmState::Running {
+        let sql = if state.is_live() {
             "UPDATE vms SET state=?2, error=?3 WHERE id=?1"
         } else {
             "UPDATE vms SET state=?2, error=?3, supervisor_pid=NULL, qemu_pid=NULL, stopped_at=?4 WHERE id=?1"
         };
         let now = crate::util::now_unix();
-        let res = if state == VmState::Running {
+        let res = if state.is_live() {
             self.conn.execute(sql, params![id, state.as_str(), error])
         } else {
             self.conn
@@ -302,7 +316,7 @@ impl Store {
             .conn
             .execute(
                 "UPDATE vms SET state='error', error=?3, supervisor_pid=NULL, qemu_pid=NULL, stopped_at=?4 \
-                 WHERE id=?1 AND state='running' AND supervisor_pid IS ?2",
+                 WHERE id=?1 AND state IN ('running', 'paused') AND supervisor_pid IS ?2",
                 params![id, supervisor_pid, why, crate::util::now_unix()],
             )
             .map_err(db_err("recording the VM's supervisor as gone"))?;
@@ -318,6 +332,27 @@ impl Store {
             )
             .map_err(db_err("recording the VM's disk"))?;
         Ok(())
+    }
+
+    /// Records (or, with `None`, clears) the saved state the VM's disk builds on.
+    pub fn set_base(&self, id: &str, base: Option<&str>) -> Result<()> {
+        self.conn
+            .execute("UPDATE vms SET base=?2 WHERE id=?1", params![id, base])
+            .map_err(db_err("recording the VM's base"))?;
+        Ok(())
+    }
+
+    /// Ids of the VMs whose disks build on `base` (see [`VmRecord::base`]).
+    pub fn vms_on_base(&self, base: &str) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM vms WHERE base=?1 ORDER BY id")
+            .map_err(db_err("listing VMs by base"))?;
+        let ids = stmt
+            .query_map(params![base], |r| r.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(db_err("listing VMs by base"))?;
+        Ok(ids)
     }
 
     /// Records (or, with `None`, clears) the guest's address shown by `ls`, `inspect` and the
@@ -616,6 +651,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
         },
         ip: r.get(14)?,
         stopped_at: r.get(15)?,
+        base: r.get(16)?,
     })
 }
 
@@ -653,6 +689,7 @@ mod tests {
             owner: None,
             ip: None,
             stopped_at: None,
+            base: None,
         }
     }
 

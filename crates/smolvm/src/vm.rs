@@ -1,11 +1,8 @@
 //! The public Rust API: a [`Runtime`] creates and finds VMs; a [`Vm`] is a handle on one.
 //! Handles are cheap; dropping one leaves the VM running (its supervisor owns it).
 
-use std::io::BufRead;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -25,7 +22,8 @@ use crate::exec::{ExecOptions, ExecOutput};
 use crate::hypervisor::{detect_accelerator, Accelerator, LaunchSpec};
 use crate::paths::{create_private_dir, Paths};
 use crate::store::{Owner, Store, VmRecord, VmState};
-use crate::supervisor::{files, StartupEvent};
+use crate::supervisor::files;
+use crate::supervisor::spawn::LaunchError;
 
 struct Inner {
     paths: Paths,
@@ -51,13 +49,16 @@ pub struct StartTimings {
     pub guest: HelloReply,
     /// The VM was already running; nothing was started.
     pub already_running: bool,
+    /// The saved state it resumed from (`template:...`, `snapshot:NAME`), if it did not
+    /// boot cold.
+    pub restored: Option<String>,
 }
 
 /// What a VM boots: kernel, initramfs and the base its disk is made from.
-struct BootFiles {
-    kernel: PathBuf,
-    initrd: PathBuf,
-    base: Option<PathBuf>,
+pub(crate) struct BootFiles {
+    pub(crate) kernel: PathBuf,
+    pub(crate) initrd: PathBuf,
+    pub(crate) base: Option<PathBuf>,
     /// The image lets several running VMs write one disk (marker file `shareable`).
     shareable: bool,
 }
@@ -112,7 +113,7 @@ impl Runtime {
         &self.inner.paths
     }
 
-    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+    pub(crate) fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         // A panic while holding the lock cannot leave SQLite inconsistent; keep going.
         self.inner
             .store
@@ -132,7 +133,7 @@ impl Runtime {
         self.create_with_owner(config, Owner::current())
     }
 
-    fn boot_files(&self, config: &VmConfig) -> Result<BootFiles> {
+    pub(crate) fn boot_files(&self, config: &VmConfig) -> Result<BootFiles> {
         let explicit = config.kernel_path.is_some()
             && config.initrd_path.is_some()
             && (config.rootfs_path.is_some() || config.disk_path.is_some());
@@ -176,7 +177,7 @@ impl Runtime {
         })
     }
 
-    fn create_with_owner(&self, config: VmConfig, owner: Option<Owner>) -> Result<Vm> {
+    pub(crate) fn create_with_owner(&self, config: VmConfig, owner: Option<Owner>) -> Result<Vm> {
         config.validate()?;
         let config = resolve_network(config)?;
         let boot = self.boot_files(&config)?;
@@ -203,6 +204,7 @@ impl Runtime {
                 owner,
                 ip: None,
                 stopped_at: None,
+                base: None,
             };
             match self.store().insert(&rec) {
                 Ok(()) => break (id, dir),
@@ -276,11 +278,13 @@ impl Runtime {
             },
             DiskMode::Isolated => {
                 let overlay = dir.join(OVERLAY_NAME);
-                disk::create_overlay(
-                    &absolute("rootfs_path", base)?,
-                    &overlay,
-                    config.disk_size_mib,
-                )?;
+                let mut base = absolute("rootfs_path", base)?;
+                if config.rootfs_path.is_none() {
+                    // The VM's own link to its image's root file system: rebuilding or
+                    // removing the image leaves this VM's disk as it was.
+                    base = disk::link_backing(&base, dir, disk::ROOTFS_LINK);
+                }
+                disk::create_overlay(&base, &overlay, config.disk_size_mib)?;
                 Ok(overlay)
             }
         }
@@ -319,7 +323,7 @@ impl Runtime {
     }
 
     fn reconcile(&self, mut r: VmRecord) -> VmRecord {
-        if r.state == VmState::Running && !crate::supervisor::is_running(Path::new(&r.dir)) {
+        if r.state.is_live() && !crate::supervisor::is_running(Path::new(&r.dir)) {
             let why = format!(
                 "its supervisor (pid {}) is gone; `smolvm gc` cleans up, `smolvm start {}` boots it again",
                 r.supervisor_pid.unwrap_or(0),
@@ -380,6 +384,24 @@ impl Vm {
     /// Boots the VM and waits until its agent answers. Starting a running VM does nothing
     /// (the timings say `already_running`).
     pub fn start(&self) -> Result<StartTimings> {
+        match self.start_from(true) {
+            Ok(t) => Ok(t),
+            Err(StartError::Plain(e)) => Err(e),
+            // A template that does not resume is dropped (made again on next use) and this
+            // VM boots cold instead.
+            Err(StartError::Template(point, reason)) => {
+                tracing::warn!(id = %self.id, %reason, "the template did not resume; booting cold");
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while crate::supervisor::is_running(&self.dir) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                self.abandon_template(&point)?;
+                self.start_from(false).map_err(StartError::into_error)
+            }
+        }
+    }
+
+    fn start_from(&self, allow_saved: bool) -> std::result::Result<StartTimings, StartError> {
         let t0 = Instant::now();
         let rec = self.info()?;
         // Take the VM's lock now and hand it to the supervisor, so it is held without a gap
@@ -403,6 +425,7 @@ impl Vm {
                 },
                 guest,
                 already_running: true,
+                restored: None,
             });
         };
         let boot = self.rt.boot_files(&rec.config)?;
@@ -413,16 +436,16 @@ impl Vm {
                 self.id,
                 disk_path.display(),
                 self.id
-            )));
+            ))
+            .into());
         }
         let accel = detect_accelerator();
-        let ready_timeout_secs = std::env::var("SMOLVM_READY_TIMEOUT")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(match accel.accelerator {
-                Accelerator::Kvm => 30,
-                Accelerator::Tcg => 120,
-            });
+        let ready_timeout_secs = ready_timeout_secs(accel.accelerator);
+        let point = if allow_saved {
+            self.resume_point(&rec, &boot, &accel)?
+        } else {
+            None
+        };
         let nat = if rec.config.network == NetworkMode::Nat {
             let addr = self.rt.store().allocate_address(&self.id)?;
             Some(crate::network::NatPlan::new(&rec.config, addr)?)
@@ -459,8 +482,17 @@ impl Vm {
             },
             restrict_user_net: rec.config.network == NetworkMode::User
                 && rec.config.egress == crate::config::EgressDefault::Deny,
+            unplugged_nic: point.as_ref().is_some_and(|p| p.saved.meta.nic)
+                && rec.config.network == NetworkMode::None,
+            restore: point.as_ref().map(|p| crate::hypervisor::RestoreFrom {
+                memory: p.saved.memory(),
+                cmdline: p.saved.meta.cmdline.clone(),
+                ram: p.saved.ram(),
+            }),
+            template_out: None,
             nat,
         };
+        let restored_from = point.as_ref().map(|p| p.base.clone());
         if let Some(net) = &spec.guest_net {
             self.rt
                 .store()
@@ -474,124 +506,53 @@ impl Vm {
         // A fresh console log per boot.
         let _ = std::fs::remove_file(self.console_log());
 
-        let bin = crate::supervisor::supervisor_binary()?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(files::SUPERVISOR_LOG))
-            .map_err(io_err("opening supervisor.log"))?;
-        let mut cmd = Command::new(&bin);
-        let lock_fd = std::os::fd::AsRawFd::as_raw_fd(&lock);
-        cmd.arg("__supervise")
-            .arg(&self.dir)
-            .env(crate::supervisor::LOCK_FD_ENV, lock_fd.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
-        // SAFETY: setsid and fcntl are async-signal-safe. The supervisor gets its own
-        // session so a Ctrl-C in the caller's terminal does not reach it, and inherits the
-        // held lock (close-on-exec is cleared in the child's own descriptor table only, so
-        // children spawned by other threads never see it).
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::setsid();
-                if libc::fcntl(lock_fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let spawned = cmd.spawn();
-        // Our descriptor closes; the lock stays with the supervisor's copy.
-        drop(lock);
-        let mut child =
-            spawned.map_err(io_err(format!("starting the supervisor {}", bin.display())))?;
-        let sup_pid = child.id();
-        let stdout = child.stdout.take();
-        // Reap the supervisor whenever it ends, so no zombie outlives it.
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
-        let (tx, rx) = mpsc::channel::<StartupEvent>();
-        if let Some(out) = stdout {
-            std::thread::spawn(move || {
-                for line in std::io::BufReader::new(out)
-                    .lines()
-                    .map_while(|l| l.ok())
-                    .take(16)
-                {
-                    if let Ok(ev) = serde_json::from_str::<StartupEvent>(&line) {
-                        if tx.send(ev).is_err() {
-                            break;
-                        }
-                    }
-                }
-            });
-        }
         let deadline = t0 + Duration::from_secs(ready_timeout_secs + 30);
-        let mut create_start = None;
-        // The supervisor records its own failures; when it hangs or vanishes, we do.
-        let fail = |reason: String, record: bool| {
-            // SAFETY: plain kill(2) of our own child's pid.
-            unsafe {
-                libc::kill(sup_pid as i32, libc::SIGKILL);
-            }
-            if record {
-                let _ = self
-                    .rt
-                    .store()
-                    .set_state(&self.id, VmState::Error, Some(&reason));
-            }
-            reason
+        let record_error = |reason: &str| {
+            let _ = self
+                .rt
+                .store()
+                .set_state(&self.id, VmState::Error, Some(reason));
         };
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(StartupEvent::Started { .. }) => create_start = Some(t0.elapsed()),
-                Ok(StartupEvent::Ready { hello }) => {
-                    let ready = t0.elapsed();
-                    return Ok(StartTimings {
-                        create_start: create_start.unwrap_or(ready),
-                        ready,
-                        accelerator: accel.accelerator,
-                        guest: hello,
-                        already_running: false,
-                    });
-                }
-                Ok(StartupEvent::Failed { reason }) => {
-                    let reason = fail(reason, false);
-                    return Err(Error::StartFailed {
-                        id: self.id.clone(),
-                        reason,
-                    });
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    fail("timed out waiting for the supervisor".into(), true);
-                    return Err(Error::ReadyTimeout {
-                        id: self.id.clone(),
-                        secs: ready_timeout_secs,
-                        accel: accel.accelerator.to_string(),
-                        console: self.console_log(),
-                    });
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let tail = std::fs::read_to_string(self.dir.join(files::SUPERVISOR_LOG))
-                        .unwrap_or_default()
-                        .lines()
-                        .rev()
-                        .take(5)
-                        .collect::<Vec<_>>()
-                        .join(" | ");
-                    let reason = fail(
-                        format!("the supervisor exited before the VM was ready: {tail}"),
-                        true,
-                    );
-                    return Err(Error::StartFailed {
-                        id: self.id.clone(),
-                        reason,
-                    });
-                }
+        match crate::supervisor::spawn::launch(&self.dir, lock, deadline) {
+            Ok(l) => {
+                let ready = t0.elapsed();
+                Ok(StartTimings {
+                    create_start: l.qemu_started.unwrap_or(ready),
+                    ready,
+                    accelerator: accel.accelerator,
+                    guest: l.hello,
+                    already_running: false,
+                    restored: restored_from,
+                })
             }
+            Err(LaunchError::Failed(reason)) => match point {
+                Some(p) if p.template().is_some() => Err(StartError::Template(Box::new(p), reason)),
+                _ => Err(Error::StartFailed {
+                    id: self.id.clone(),
+                    reason,
+                }
+                .into()),
+            },
+            Err(LaunchError::TimedOut) => {
+                record_error("timed out waiting for the supervisor");
+                Err(Error::ReadyTimeout {
+                    id: self.id.clone(),
+                    secs: ready_timeout_secs,
+                    accel: accel.accelerator.to_string(),
+                    console: self.console_log(),
+                }
+                .into())
+            }
+            Err(LaunchError::Vanished(tail)) => {
+                let reason = format!("the supervisor exited before the VM was ready: {tail}");
+                record_error(&reason);
+                Err(Error::StartFailed {
+                    id: self.id.clone(),
+                    reason,
+                }
+                .into())
+            }
+            Err(LaunchError::Spawn(e)) => Err(e.into()),
         }
     }
 
@@ -602,6 +563,9 @@ impl Vm {
                 id: self.id.clone(),
                 state: rec.state.to_string(),
                 hint: match rec.error {
+                    _ if rec.state == VmState::Paused => {
+                        format!("resume it first (`smolvm resume {}`)", self.id)
+                    }
                     Some(e) => format!("{e}; start it again with `smolvm start {}`", self.id),
                     None => format!("start it with `smolvm start {}`", self.id),
                 },
@@ -731,7 +695,10 @@ impl Vm {
             let _ = std::fs::remove_file(self.dir.join(f));
         }
         let now = self.info()?;
-        if matches!(now.state, VmState::Running | VmState::Error) {
+        if matches!(
+            now.state,
+            VmState::Running | VmState::Paused | VmState::Error
+        ) {
             let reason = now.error.or(rec.error);
             self.rt
                 .store()
@@ -746,7 +713,17 @@ impl Vm {
         let rec = self.info()?;
         // A disk that is kept must be consistent: shut the guest down cleanly first.
         self.stop(rec.config.retain_disk_on_delete)?;
-        crate::cleanup::remove_vm(&self.rt.paths().state_dir, &self.rt.store(), &rec)
+        // Hold the VM's lock while its files go (`qemu-img` rewrites a disk that is kept):
+        // `gc` leaves a locked VM and its processes alone, and no start can begin.
+        let _lock = self
+            .dir
+            .is_dir()
+            .then(|| crate::supervisor::try_lock(&self.dir).ok().flatten());
+        let kept = crate::cleanup::remove_vm(&self.rt.paths().state_dir, &self.rt.store(), &rec)?;
+        if let Some(base) = &rec.base {
+            self.rt.release_fork_state(base);
+        }
+        Ok(kept)
     }
 
     /// Makes this VM ephemeral (owned by `owner`: deleted when that process dies) or, with
@@ -806,7 +783,40 @@ impl Vm {
 
 /// Resolves `auto` networking to `nat` when this process may create TAP devices, else to
 /// `user`; refuses `nat` where it cannot work, saying why.
-fn resolve_network(mut config: VmConfig) -> Result<VmConfig> {
+/// Seconds to wait for a VM's agent: `SMOLVM_READY_TIMEOUT`, or 30 under KVM, 120 under TCG.
+pub(crate) fn ready_timeout_secs(accel: Accelerator) -> u64 {
+    std::env::var("SMOLVM_READY_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(match accel {
+            Accelerator::Kvm => 30,
+            Accelerator::Tcg => 120,
+        })
+}
+
+/// Why a start failed: plainly, or because its template did not resume (then the caller
+/// boots cold).
+enum StartError {
+    Plain(Error),
+    Template(Box<crate::snapshot::ops::ResumePoint>, String),
+}
+
+impl From<Error> for StartError {
+    fn from(e: Error) -> Self {
+        StartError::Plain(e)
+    }
+}
+
+impl StartError {
+    fn into_error(self) -> Error {
+        match self {
+            StartError::Plain(e) => e,
+            StartError::Template(p, reason) => Error::StartFailed { id: p.base, reason },
+        }
+    }
+}
+
+pub(crate) fn resolve_network(mut config: VmConfig) -> Result<VmConfig> {
     match config.network {
         NetworkMode::Auto => {
             config.network = match crate::network::nat_available() {

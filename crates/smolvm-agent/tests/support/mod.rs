@@ -43,6 +43,12 @@ impl Agent {
 
     /// An agent keeping its state under `root` (`None`: a fresh directory of its own).
     pub async fn start_in(root: Option<&std::path::Path>) -> Self {
+        Self::start_with(root, &[]).await
+    }
+
+    /// An agent keeping its state under `root` (`None`: a fresh directory of its own), with
+    /// `extra` arguments on its command line.
+    pub async fn start_with(root: Option<&std::path::Path>, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("agent.sock");
         let root = match root {
@@ -60,6 +66,7 @@ impl Agent {
             .arg(&root)
             .arg("--log")
             .arg("warn")
+            .args(extra)
             .kill_on_drop(true)
             .spawn()
             .expect("start the agent");

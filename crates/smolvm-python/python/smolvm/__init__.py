@@ -20,13 +20,15 @@ from .exceptions import (
     NetworkError,
     OperationTimeoutError,
     SmolVMError,
+    SnapshotError,
+    SnapshotNotFoundError,
     ValidationError,
     VMAlreadyExistsError,
     VMNotFoundError,
     VMStartError,
 )
-from .types import CommandResult, OutputChunk, VMConfig, VMState
-from .vm import CommandStream, SmolVM
+from .types import CommandResult, OutputChunk, SnapshotInfo, VMConfig, VMState
+from .vm import CommandStream, SmolVM, delete_snapshot, get_snapshot, list_snapshots
 from .facade import VM
 from .build import SSH_BOOT_ARGS, ImageBuilder
 
@@ -45,6 +47,10 @@ __all__ = [
     "CommandResult",
     "CommandStream",
     "OutputChunk",
+    "SnapshotInfo",
+    "list_snapshots",
+    "get_snapshot",
+    "delete_snapshot",
     "ImageBuilder",
     "SSH_BOOT_ARGS",
     *_exceptions.__all__,

@@ -17,6 +17,8 @@ __all__ = [
     "OperationTimeoutError",
     "CommandExecutionUnavailableError",
     "FileTransferError",
+    "SnapshotError",
+    "SnapshotNotFoundError",
 ]
 
 
@@ -102,3 +104,14 @@ class FileTransferError(SmolVMError):
 
     path: str
     reason: str
+
+
+class SnapshotError(SmolVMError):
+    """Saving, restoring or removing a saved VM state failed (e.g. a snapshot taken under
+    another accelerator or before its image was rebuilt, or one still in use)."""
+
+
+class SnapshotNotFoundError(SnapshotError):
+    """No snapshot has this name (``name``)."""
+
+    name: str

@@ -9,7 +9,7 @@ import os
 
 from . import _native
 
-__all__ = ["VMConfig", "VMState", "CommandResult", "OutputChunk"]
+__all__ = ["VMConfig", "VMState", "CommandResult", "OutputChunk", "SnapshotInfo"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -41,6 +41,8 @@ class VMConfig:
     (``"allow"`` or ``"deny"``: the default for outside addresses), ``allow_egress`` and
     ``deny_egress`` (lists of ``"CIDR"`` or ``"CIDR:PORT"``; ``nat`` only). Link-local, private
     ranges and the host itself are blocked unless an ``allow_egress`` entry opens them.
+    ``snapshot`` (default True): the first start resumes the image's booted template (made
+    once per image and shape) instead of booting the kernel; False always boots cold.
     """
 
     __slots__ = ("_fields",)
@@ -64,6 +66,7 @@ class VMConfig:
         egress: Optional[str] = None,
         allow_egress: Optional[Sequence[str]] = None,
         deny_egress: Optional[Sequence[str]] = None,
+        snapshot: Optional[bool] = None,
     ) -> None:
         given = dict(
             vm_id=vm_id,
@@ -83,6 +86,7 @@ class VMConfig:
             egress=egress,
             allow_egress=list(allow_egress) if isinstance(allow_egress, (list, tuple)) else allow_egress,
             deny_egress=list(deny_egress) if isinstance(deny_egress, (list, tuple)) else deny_egress,
+            snapshot=snapshot,
         )
         object.__setattr__(self, "_fields", _native.validate_config(given))
 
@@ -170,3 +174,42 @@ class OutputChunk:
         """The bytes decoded as UTF-8 (errors replaced; a character split between two
         chunks shows as replacement characters: join ``data`` to be exact)."""
         return self.data.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A saved VM state: memory, devices and disk at one instant. ``kind`` is
+    ``"snapshot"`` (saved by name) or ``"fork"`` (kept while VMs forked from it exist)."""
+
+    name: str
+    kind: str
+    #: The image the saved VM booted from.
+    image: str
+    #: The shape every VM made from it keeps.
+    vcpu_count: int
+    mem_size_mib: int
+    #: The VM it was taken from.
+    source_vm: Optional[str]
+    #: When it was saved, Unix seconds.
+    created_at: int
+    #: Bytes on disk (memory stream and disk).
+    size_bytes: int
+    #: Its directory (private to its owner; files read-only).
+    path: str
+    #: The accelerator it was saved under (it loads only under the same one).
+    accelerator: str = ""
+
+    @classmethod
+    def _from_native(cls, d: Dict[str, Any]) -> "SnapshotInfo":
+        return cls(
+            name=d["name"],
+            kind=d["kind"],
+            image=d["image"],
+            vcpu_count=d["vcpu_count"],
+            mem_size_mib=d["mem_size_mib"],
+            source_vm=d["source_vm"],
+            created_at=d["created_at"],
+            size_bytes=d["size_bytes"],
+            path=d["path"],
+            accelerator=d.get("accelerator", ""),
+        )

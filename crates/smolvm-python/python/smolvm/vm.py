@@ -7,9 +7,16 @@ import os
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from . import _native
-from .types import CommandResult, OutputChunk, VMConfig, VMState
+from .types import CommandResult, OutputChunk, SnapshotInfo, VMConfig, VMState
 
-__all__ = ["SmolVM", "CommandStream", "DEFAULT_MAX_FILE_BYTES"]
+__all__ = [
+    "SmolVM",
+    "CommandStream",
+    "DEFAULT_MAX_FILE_BYTES",
+    "list_snapshots",
+    "get_snapshot",
+    "delete_snapshot",
+]
 
 #: Largest file :meth:`SmolVM.read_file` and :meth:`SmolVM.download` accept by default.
 DEFAULT_MAX_FILE_BYTES = 4 << 30
@@ -126,6 +133,41 @@ class SmolVM:
         block of a reconnected VM does not delete it."""
         return cls._wrap(_native.Vm.open(vm_id), owner=False, ssh_key_path=ssh_key_path)
 
+    @classmethod
+    def from_snapshot(
+        cls,
+        name: str,
+        *,
+        ssh_key_path: Optional[Union[str, "os.PathLike[str]"]] = None,
+        **overrides: Any,
+    ) -> "SmolVM":
+        """A new running VM that continues from snapshot ``name`` (see :meth:`snapshot`):
+        its memory, processes and files as they were, with its own identity (hostname,
+        address, randomness). It is configured like the snapshot's VM; ``overrides`` are
+        :class:`VMConfig` fields set over that (``network``, ``env_vars``, ``vm_id``,
+        ...), but the shape (``vcpu_count``, ``mem_size_mib``) and image stay the
+        snapshot's: another value raises :class:`~smolvm.exceptions.ValidationError`
+        naming the field and nothing is created. A missing snapshot raises
+        :class:`~smolvm.exceptions.SnapshotNotFoundError`.
+
+        Lifetime as for ``SmolVM()``: without ``vm_id`` it belongs to this process."""
+        owned = overrides.get("vm_id") is None
+        native = _native.Vm.create_from_snapshot(name, overrides, owned)
+        vm = cls._wrap(
+            native,
+            owner=True,
+            ssh_key_path=os.fspath(ssh_key_path) if ssh_key_path is not None else None,
+        )
+        try:
+            vm.start()
+        except BaseException:
+            try:
+                native.delete()
+            except Exception:  # noqa: BLE001  (the start's error is the one to see)
+                pass
+            raise
+        return vm
+
     # -- identity and state ----------------------------------------------------------
 
     @property
@@ -176,6 +218,35 @@ class SmolVM:
         """Stops and deletes the VM and everything it had; returns where a retained disk
         was moved (``retain_disk_on_delete``), else None."""
         return self._native.delete()
+
+    def pause(self) -> "SmolVM":
+        """Freezes the VM's vCPUs: guest processes and clocks stop until :meth:`resume`
+        (:attr:`status` is ``PAUSED``; commands raise
+        :class:`~smolvm.exceptions.CommandExecutionUnavailableError` meanwhile)."""
+        self._native.pause()
+        return self
+
+    def resume(self) -> "SmolVM":
+        """Lets a paused VM run again."""
+        self._native.resume()
+        return self
+
+    def snapshot(self, name: str) -> SnapshotInfo:
+        """Saves the running (or paused) VM as snapshot ``name`` (1 to 63 letters, digits,
+        ``.``, ``_``, ``-``): memory, devices and disk at one instant. The VM goes on
+        running. :meth:`from_snapshot` starts new VMs from it; :func:`delete_snapshot`
+        removes it. The files hold guest memory and are readable by their owner only."""
+        return SnapshotInfo._from_native(self._native.snapshot(name))
+
+    def fork(self, n: int = 1) -> List["SmolVM"]:
+        """``n`` new running VMs (1 to 64) that continue from this VM's present state
+        (memory, processes, files), each with its own hostname, address and randomness.
+        They belong to whoever this VM belongs to; each is usable as a context manager
+        (deleted on exit)."""
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int, not {type(n).__name__}")
+        natives = self._native.fork(n)
+        return [type(self)._wrap(v, owner=True, ssh_key_path=self._ssh_key_path) for v in natives]
 
     def close(self) -> None:
         """Lets go of the VM without stopping it: it keeps running after this process ends
@@ -313,3 +384,19 @@ class SmolVM:
     def list_forwards(self) -> List[Dict[str, Any]]:
         """The VM's port forwards: dicts of ``host_addr``, ``host_port``, ``guest_port``."""
         return self._native.forwards()
+
+
+def list_snapshots() -> List[SnapshotInfo]:
+    """Every saved snapshot (and the states kept for forks, ``kind="fork"``), by name."""
+    return [SnapshotInfo._from_native(d) for d in _native.list_snapshots()]
+
+
+def get_snapshot(name: str) -> SnapshotInfo:
+    """The snapshot ``name`` (:class:`~smolvm.exceptions.SnapshotNotFoundError` if none)."""
+    return SnapshotInfo._from_native(_native.open_snapshot(name))
+
+
+def delete_snapshot(name: str) -> None:
+    """Removes snapshot ``name``. Refused with :class:`~smolvm.exceptions.SnapshotError`
+    while VMs made from it exist (their disks build on it): delete them first."""
+    _native.delete_snapshot(name)

@@ -60,6 +60,30 @@ pub struct LaunchSpec {
     /// `user` networking with egress denied: QEMU's `restrict=on` (no guest traffic out).
     #[serde(default)]
     pub restrict_user_net: bool,
+    /// A network device with nothing behind it: a VM restored from a state saved with a
+    /// network device (devices must match) that gets no network.
+    #[serde(default)]
+    pub unplugged_nic: bool,
+    /// Resume from a saved state instead of booting the kernel.
+    #[serde(default)]
+    pub restore: Option<RestoreFrom>,
+    /// Make a template: boot, wait for the agent, save the VM's state into this directory
+    /// (see [`crate::snapshot`]) and end, recording nothing in the state database.
+    #[serde(default)]
+    pub template_out: Option<PathBuf>,
+}
+
+/// A saved state to resume from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreFrom {
+    /// The migration stream (RAM and device state).
+    pub memory: PathBuf,
+    /// The kernel command line the saved VM booted with (the restored one must match it).
+    pub cmdline: String,
+    /// A template's RAM file, mapped copy-on-write instead of loading RAM from `memory`
+    /// (which then holds the device state only).
+    #[serde(default)]
+    pub ram: Option<PathBuf>,
 }
 
 /// Host-side endpoints a backend wires the VM to; the supervisor listens on each.

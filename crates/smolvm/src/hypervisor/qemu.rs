@@ -37,6 +37,9 @@ impl QemuMicrovm {
 
     /// The kernel command line for a spec.
     pub fn boot_args(spec: &LaunchSpec) -> String {
+        if let Some(r) = &spec.restore {
+            return r.cmdline.clone();
+        }
         let mut args = format!(
             "{BASE_BOOT_ARGS} smolvm.root=/dev/vda smolvm.hostname={}",
             spec.id
@@ -69,12 +72,12 @@ impl QemuMicrovm {
             // Keep the RTC: without it the guest kernel waits 1 s twice probing for one
             // (measured under TCG: /init reached at 1.1 s with it, 3.2 s without).
             Some(fw) => {
-                push("microvm,x-option-roms=off,rtc=on,pit=off,pic=off,isa-serial=on");
+                push("microvm,x-option-roms=off,rtc=on,pit=off,pic=off,isa-serial=on,memory-backend=ram");
                 push("-bios");
                 push(&fw.display().to_string());
             }
             // Debian lacks bios-microvm.bin, and SeaBIOS hangs on the trimmed machine.
-            None => push("microvm"),
+            None => push("microvm,memory-backend=ram"),
         }
         match spec.accelerator {
             Accelerator::Kvm => {
@@ -96,6 +99,27 @@ impl QemuMicrovm {
         }
         push("-m");
         push(&spec.mem_mib.to_string());
+        // Guest RAM is an object named `ram` in every VM, so a state saved by one loads in
+        // another: plain memory; a file shared with the host while a template is made (its
+        // RAM then stays in the file); a private copy-on-write map of a template's file in
+        // VMs resumed from it (they share its pages until they write them).
+        push("-object");
+        push(&match (
+            &spec.template_out,
+            spec.restore.as_ref().and_then(|r| r.ram.as_ref()),
+        ) {
+            (Some(dir), _) => format!(
+                "memory-backend-file,id=ram,size={}M,mem-path={},share=on",
+                spec.mem_mib,
+                dir.join(crate::snapshot::files::RAM).display()
+            ),
+            (None, Some(ram)) => format!(
+                "memory-backend-file,id=ram,size={}M,mem-path={},share=off,readonly=on,rom=off",
+                spec.mem_mib,
+                ram.display()
+            ),
+            (None, None) => format!("memory-backend-ram,id=ram,size={}M", spec.mem_mib),
+        });
         push("-smp");
         push(&spec.vcpus.to_string());
         for s in [
@@ -169,7 +193,20 @@ impl QemuMicrovm {
                 push("-device");
                 push("virtio-net-device,netdev=n0");
             }
+            _ if spec.unplugged_nic => {
+                push("-device");
+                push("virtio-net-device");
+            }
             _ => {}
+        }
+        if let Some(r) = &spec.restore {
+            push("-incoming");
+            if r.ram.is_some() {
+                // The supervisor turns on `x-ignore-shared` first (RAM is the mapped file).
+                push("defer");
+            } else {
+                push(&format!("file:{}", r.memory.display()));
+            }
         }
         a
     }
@@ -212,6 +249,9 @@ mod tests {
             lock_disk: true,
             nat: None,
             restrict_user_net: false,
+            unplugged_nic: false,
+            restore: None,
+            template_out: None,
         }
     }
 
@@ -249,6 +289,31 @@ mod tests {
         s.restrict_user_net = true;
         let a = QemuMicrovm::args(&s, &ep).join(" ");
         assert!(a.contains("-netdev user,id=n0,restrict=on"), "{a}");
+    }
+
+    #[test]
+    fn a_restore_keeps_the_saved_command_line_and_loads_the_state() {
+        let ep = Endpoints {
+            agent: "/a".into(),
+            console: "/c".into(),
+            control: "/q".into(),
+        };
+        let mut s = spec(Accelerator::Tcg);
+        s.restore = Some(super::super::RestoreFrom {
+            memory: "/t/memory".into(),
+            cmdline: "console=ttyS0 smolvm.hostname=template".into(),
+            ram: None,
+        });
+        s.unplugged_nic = true;
+        assert_eq!(
+            QemuMicrovm::boot_args(&s),
+            "console=ttyS0 smolvm.hostname=template"
+        );
+        let a = QemuMicrovm::args(&s, &ep).join(" ");
+        assert!(
+            a.ends_with("-device virtio-net-device -incoming file:/t/memory"),
+            "{a}"
+        );
     }
 
     #[test]

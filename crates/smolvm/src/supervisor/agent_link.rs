@@ -6,10 +6,10 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use smolvm_protocol::boot::GuestNet;
 use smolvm_protocol::{
     decode, encode, EnvUpdate, GuestMessage, Hello, HelloReply, HostMessage, PROTOCOL_VERSION,
 };
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::Framed;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
@@ -29,8 +29,11 @@ pub struct AgentLink {
 }
 
 impl AgentLink {
-    /// Starts driving a yamux session over `io`.
-    pub fn spawn(io: UnixStream) -> AgentLink {
+    /// Starts driving a yamux session over `io` (the agent port's socket).
+    pub fn spawn<T>(io: T) -> AgentLink
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (open_tx, mut open_rx) = mpsc::channel::<OpenReply>(64);
         let (closed_tx, closed) = watch::channel(None);
         tokio::spawn(async move {
@@ -146,23 +149,32 @@ impl AgentLink {
     /// Changes (or, with an empty update, reads) the guest's persistent environment.
     pub async fn env(&self, update: EnvUpdate) -> Result<Vec<(String, String)>> {
         let mut s = self.open().await?;
-        send(&mut s, &HostMessage::Env(update)).await?;
-        let reply = tokio::time::timeout(Duration::from_secs(10), recv(&mut s))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: "the guest agent to update its environment".into(),
-                secs: 10.0,
-            })??;
-        match reply {
-            Some(GuestMessage::Env(vars)) => Ok(vars),
-            Some(GuestMessage::Error(e)) => Err(Error::Agent(e)),
-            Some(other) => Err(Error::Agent(format!(
-                "unexpected reply to an environment update: {}",
-                describe(&other)
-            ))),
-            None => Err(Error::Agent(
-                "agent closed the stream without answering".into(),
-            )),
+        let to = "an environment update";
+        match ask(&mut s, &HostMessage::Env(update), ENV_REPLY, to).await? {
+            GuestMessage::Env(vars) => Ok(vars),
+            GuestMessage::Error(e) => Err(Error::Agent(e)),
+            other => Err(unexpected(&other, to)),
+        }
+    }
+
+    /// Gives the guest a new network identity (`Network`, protocol generation 4): the agent
+    /// configures its first Ethernet interface as `net` says, replacing the addresses,
+    /// routes and neighbours it had, and writes `/etc/resolv.conf` when `net` names DNS
+    /// servers. For a guest restored from a snapshot, whose network is the snapshot's.
+    pub async fn network(&self, net: &GuestNet) -> Result<()> {
+        let mut s = self.open().await?;
+        let to = "a network change";
+        match ask(
+            &mut s,
+            &HostMessage::Network(net.clone()),
+            NETWORK_REPLY,
+            to,
+        )
+        .await?
+        {
+            GuestMessage::Ok => Ok(()),
+            GuestMessage::Error(e) => Err(Error::Agent(e)),
+            other => Err(unexpected(&other, to)),
         }
     }
 
@@ -171,27 +183,58 @@ impl AgentLink {
     /// along with it; they belong to the connection and go first).
     pub async fn connect_tcp(&self, port: u16) -> Result<(Compat<yamux::Stream>, bytes::BytesMut)> {
         let mut s = self.open().await?;
-        send(&mut s, &HostMessage::Connect { port }).await?;
-        let reply = tokio::time::timeout(CONNECT_REPLY, recv(&mut s))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: format!("the guest agent to connect to guest port {port}"),
-                secs: CONNECT_REPLY.as_secs_f64(),
-            })??;
-        match reply {
-            Some(GuestMessage::Ok) => {
+        let to = format!("a connect to guest port {port}");
+        match ask(&mut s, &HostMessage::Connect { port }, CONNECT_REPLY, &to).await? {
+            GuestMessage::Ok => {
                 let parts = s.into_parts();
                 Ok((parts.io, parts.read_buf))
             }
-            Some(GuestMessage::Error(e)) => Err(Error::Forward(e)),
-            Some(other) => Err(Error::Agent(format!(
-                "unexpected reply to a connect: {}",
-                describe(&other)
-            ))),
-            None => Err(Error::Agent(
-                "agent closed the stream without answering a connect".into(),
-            )),
+            GuestMessage::Error(e) => Err(Error::Forward(e)),
+            other => Err(unexpected(&other, &to)),
         }
+    }
+
+    /// Runs a command in the guest and waits (at most `limit`) for it to end, discarding its
+    /// output; returns its exit code. For the supervisor's own use (warming a guest).
+    pub async fn run_quiet(
+        &self,
+        command: smolvm_protocol::Command,
+        limit: Duration,
+    ) -> Result<Option<i32>> {
+        let line = match &command {
+            smolvm_protocol::Command::Shell(l) => l.clone(),
+            smolvm_protocol::Command::Argv(a) => a.join(" "),
+        };
+        let mut s = self.open().await?;
+        let req = smolvm_protocol::ExecRequest {
+            command,
+            env: Vec::new(),
+            cwd: None,
+            stdin: false,
+            timeout_ms: Some(limit.as_millis() as u64),
+            max_output_bytes: 0,
+        };
+        send(&mut s, &HostMessage::Exec(req)).await?;
+        let wait = async {
+            loop {
+                match recv(&mut s).await? {
+                    Some(GuestMessage::Exited(st)) => return Ok(st.code),
+                    Some(GuestMessage::Error(e)) => return Err(Error::Agent(e)),
+                    Some(_) => continue,
+                    None => {
+                        return Err(Error::Agent(
+                            "agent closed the stream before the command ended".into(),
+                        ))
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(limit + Duration::from_secs(5), wait)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("the guest to run {line:?}"),
+                secs: limit.as_secs_f64(),
+            })?
     }
 
     /// Asks the guest to shut down cleanly; returns once the agent accepted.
@@ -210,6 +253,13 @@ impl AgentLink {
 /// the rest is slack for a busy, software-emulated guest).
 const CONNECT_REPLY: Duration = Duration::from_secs(15);
 
+/// Longest wait for the agent's answer to a `Network` (it gives up after 5 s; the rest is
+/// slack for a busy, software-emulated guest).
+const NETWORK_REPLY: Duration = Duration::from_secs(10);
+
+/// Longest wait for the agent to answer an environment update.
+const ENV_REPLY: Duration = Duration::from_secs(10);
+
 /// A short name for a guest message (never its contents, which may be huge or hostile).
 fn describe(m: &GuestMessage) -> &'static str {
     match m {
@@ -223,6 +273,30 @@ fn describe(m: &GuestMessage) -> &'static str {
         GuestMessage::Env(_) => "Env",
         GuestMessage::Ok => "Ok",
     }
+}
+
+/// Sends `msg` on `s` and waits at most `limit` for the agent's one answer to it (`to` says
+/// what it answers, for the errors): a timeout, or a stream closed without an answer, is
+/// an error; any message, the agent's own `Error` included, is the caller's to judge.
+async fn ask(
+    s: &mut AgentStream,
+    msg: &HostMessage,
+    limit: Duration,
+    to: &str,
+) -> Result<GuestMessage> {
+    send(s, msg).await?;
+    tokio::time::timeout(limit, recv(s))
+        .await
+        .map_err(|_| Error::Timeout {
+            what: format!("the guest agent to answer {to}"),
+            secs: limit.as_secs_f64(),
+        })??
+        .ok_or_else(|| Error::Agent(format!("agent closed the stream without answering {to}")))
+}
+
+/// The error for an answer that makes no sense to `to`.
+fn unexpected(reply: &GuestMessage, to: &str) -> Error {
+    Error::Agent(format!("unexpected reply to {to}: {}", describe(reply)))
 }
 
 /// Sends one message on an agent stream.

@@ -19,8 +19,27 @@ use crate::error::Error;
 /// only after the client has its answer.
 pub type StopRequest = (u64, oneshot::Sender<oneshot::Sender<()>>);
 
+/// Requests only the supervisor's main loop can carry out (it owns the QEMU monitor).
+#[derive(Debug)]
+pub enum Control {
+    /// Freeze the vCPUs.
+    Pause,
+    /// Unfreeze them.
+    Resume,
+    /// Save memory, devices and disk into this directory; the VM goes on as it was.
+    Snapshot(std::path::PathBuf),
+}
+
+/// A control request and where its outcome goes.
+pub type ControlRequest = (Control, oneshot::Sender<Result<(), String>>);
+
+/// Longest a control request may take (a snapshot writes the guest's memory).
+const CONTROL_LIMIT: std::time::Duration = std::time::Duration::from_secs(150);
+
 /// What request handlers share.
 pub struct Shared {
+    /// Asks the main loop to pause, resume or snapshot the VM.
+    pub control_tx: mpsc::Sender<ControlRequest>,
     /// The agent session.
     pub link: AgentLink,
     /// The status reported to clients.
@@ -118,7 +137,43 @@ pub async fn handle(stream: UnixStream, shared: Arc<Shared>) {
         ApiRequest::Forwards => {
             let _ = reply(&mut client, &ApiReply::Forwards(shared.forwards.list())).await;
         }
+        ApiRequest::Pause => control(&mut client, &shared, Control::Pause).await,
+        ApiRequest::Resume => control(&mut client, &shared, Control::Resume).await,
+        ApiRequest::Snapshot { dir } => {
+            let dir = std::path::PathBuf::from(dir);
+            if !dir.is_absolute() || !dir.is_dir() {
+                let why = format!(
+                    "snapshot directory {} is not an existing absolute path",
+                    dir.display()
+                );
+                let _ = reply(&mut client, &ApiReply::Error(why)).await;
+                return;
+            }
+            control(&mut client, &shared, Control::Snapshot(dir)).await
+        }
     }
+}
+
+/// Hands a control request to the main loop and answers with its outcome.
+async fn control(client: &mut ClientFramed, shared: &Shared, what: Control) {
+    let (tx, rx) = oneshot::channel();
+    let outcome = if shared.control_tx.send((what, tx)).await.is_err() {
+        Err("the VM is stopping".to_string())
+    } else {
+        match tokio::time::timeout(CONTROL_LIMIT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("the VM is stopping".to_string()),
+            Err(_) => Err(format!(
+                "no answer from the VM's supervisor within {} s",
+                CONTROL_LIMIT.as_secs()
+            )),
+        }
+    };
+    let r = match outcome {
+        Ok(()) => ApiReply::Ok,
+        Err(e) => ApiReply::Error(e),
+    };
+    let _ = reply(client, &r).await;
 }
 
 async fn reply(client: &mut ClientFramed, r: &ApiReply) -> Result<(), ()> {

@@ -6,6 +6,9 @@ pub mod agent_link;
 pub mod api;
 pub mod console;
 pub mod forward;
+pub mod saved;
+pub mod spawn;
+pub mod stale;
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -333,20 +336,95 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
         let console = accept(&console_l, "serial console", Duration::from_secs(10)).await?;
         tokio::spawn(console::capture(console, vm_dir.join(files::CONSOLE_LOG)));
         let qmp_stream = accept(&qmp_l, "monitor", Duration::from_secs(10)).await?;
-        let qmp = Qmp::negotiate(qmp_stream, Duration::from_secs(10)).await?;
+        let mut qmp = Qmp::negotiate(qmp_stream, Duration::from_secs(10)).await?;
+        if let Some(r) = &spec.restore {
+            if r.ram.is_some() {
+                saved::ignore_shared_ram(&mut qmp, true).await?;
+                saved::start_load(&mut qmp, &r.memory).await?;
+            }
+            // The saved VM was paused when its state was written; it is again once loaded.
+            saved::await_load(&mut qmp).await?;
+            saved::resume(&mut qmp).await?;
+            tracing::info!(
+                ms = started.elapsed().as_millis() as u64,
+                "state loaded; resumed"
+            );
+        }
         let agent = accept(&agent_l, "agent port", Duration::from_secs(10)).await?;
-        let link = agent_link::AgentLink::spawn(agent);
-        let hello = tokio::time::timeout(
-            Duration::from_secs(spec.ready_timeout_secs),
-            link.handshake(&spec.id),
-        )
-        .await
-        .map_err(|_| Error::ReadyTimeout {
-            id: spec.id.clone(),
-            secs: spec.ready_timeout_secs,
-            accel: spec.accelerator.to_string(),
-            console: vm_dir.join(files::CONSOLE_LOG),
-        })??;
+        // A restored guest first sends what its saved session had not yet passed on.
+        let link =
+            agent_link::AgentLink::spawn(stale::SkipStale::new(agent, spec.restore.is_some()));
+        let handshake = async {
+            tokio::time::timeout(
+                Duration::from_secs(spec.ready_timeout_secs),
+                link.handshake(&spec.id),
+            )
+            .await
+            .map_err(|_| Error::ReadyTimeout {
+                id: spec.id.clone(),
+                secs: spec.ready_timeout_secs,
+                accel: spec.accelerator.to_string(),
+                console: vm_dir.join(files::CONSOLE_LOG),
+            })?
+        };
+        // A restored guest still has the saved VM's network: give it this VM's (the Hello
+        // gives it its clock, entropy and hostname). Both at once: the agent serves them on
+        // two threads, and the guest has the vCPUs for it.
+        let renumber = async {
+            match (&spec.restore, &spec.guest_net) {
+                (Some(_), Some(net)) => {
+                    // The user's kernel arguments win, as they do at a cold boot.
+                    let args = spec.extra_boot_args.as_deref().unwrap_or("");
+                    match net.overridden_by(args) {
+                        Ok(net) => link.network(&net).await,
+                        Err(e) => {
+                            tracing::warn!("network not configured: {e}");
+                            Ok(())
+                        }
+                    }
+                }
+                _ => Ok(()),
+            }
+        };
+        // While the guest renumbers itself, a throwaway command runs: a resumed QEMU has
+        // translated none of the guest code a command needs yet (fork, exec, the dynamic
+        // loader), which under TCG costs more than the command itself; done here, beside
+        // the renumbering, the user's first command finds it done. (Without a network to
+        // set there is nothing to overlap it with, and it would only move the cost.)
+        let prewarm = async {
+            if spec.restore.is_some()
+                && spec.guest_net.is_some()
+                && spec.accelerator == crate::hypervisor::Accelerator::Tcg
+            {
+                let argv = smolvm_protocol::Command::Argv(vec!["true".into()]);
+                if let Err(e) = link.run_quiet(argv, Duration::from_secs(10)).await {
+                    tracing::debug!("warming up the resumed guest: {e}");
+                }
+            }
+        };
+        // Each one's end goes in the debug timeline (which one the VM waited for).
+        let timed = |what: &'static str, t0: std::time::Instant| {
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "{what} done");
+        };
+        let t0 = std::time::Instant::now();
+        let (hello, renumbered, ()) = tokio::join!(
+            async {
+                let r = handshake.await;
+                timed("handshake", t0);
+                r
+            },
+            async {
+                let r = renumber.await;
+                timed("network", t0);
+                r
+            },
+            async {
+                prewarm.await;
+                timed("warm-up command", t0)
+            },
+        );
+        let hello = hello?;
+        renumbered?;
         // Variables given at create time are applied before anyone can run a command.
         if let Some(update) = crate::env::read_pending(vm_dir) {
             link.env(update).await?;
@@ -354,17 +432,59 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
         }
         Ok::<_, Error>((qmp, link, hello))
     };
+    let phase = if spec.restore.is_some() {
+        "loading the saved state"
+    } else {
+        "booting"
+    };
+    let exited = |status| Error::StartFailed {
+        id: spec.id.clone(),
+        reason: format!(
+            "{} while {phase}: {}",
+            describe_exit(status),
+            log_tail(&vm_dir.join(files::SUPERVISOR_LOG))
+        ),
+    };
     let (mut qmp, link, hello) = tokio::select! {
-        r = boot => r?,
-        status = child.wait() => {
-            let why = describe_exit(status);
-            return Err(Error::StartFailed {
-                id: spec.id.clone(),
-                reason: format!("{why} while booting: {}", log_tail(&vm_dir.join(files::SUPERVISOR_LOG))),
-            });
-        }
+        r = boot => match r {
+            Ok(v) => v,
+            Err(e) => {
+                // A broken monitor or agent socket usually means QEMU quit: its own words
+                // (in the log) say more.
+                if let Ok(status) = tokio::time::timeout(Duration::from_millis(500), child.wait()).await {
+                    return Err(exited(status));
+                }
+                return Err(e);
+            }
+        },
+        status = child.wait() => return Err(exited(status)),
     };
     tracing::info!(id = %spec.id, ms = started.elapsed().as_millis() as u64, "agent ready");
+    if let Some(out) = &spec.template_out {
+        // A template: save the booted, idle guest and end. First, what every first command
+        // needs (the shell, the C library, coreutils) is read into the guest's page cache,
+        // so VMs resumed from it do not wait on their disk for it.
+        if let Err(e) = link
+            .run_quiet(
+                smolvm_protocol::Command::Shell(TEMPLATE_WARMUP.into()),
+                Duration::from_secs(30),
+            )
+            .await
+        {
+            tracing::warn!("warming the template's page cache failed: {e}");
+        }
+        // A short pause lets the streams' closing frames cross, so the saved session has
+        // none in flight.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        saved::pause(&mut qmp).await?;
+        // Its RAM is the shared file `ram`: only device state goes in the stream.
+        saved::ignore_shared_ram(&mut qmp, true).await?;
+        saved::save(&mut qmp, &out.join(crate::snapshot::files::MEMORY)).await?;
+        shutdown(&mut child, &mut qmp, &link, 0).await;
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "template saved");
+        emit(&StartupEvent::Ready { hello });
+        return Ok(());
+    }
     let api_l = bind(&api_path)?;
     let store = Store::open(&spec.db_path)?;
     store.set_running(
@@ -385,7 +505,10 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
     detach_stdout();
 
     let (stop_tx, mut stop_rx) = mpsc::channel(4);
+    let (control_tx, mut control_rx) = mpsc::channel::<api::ControlRequest>(4);
+    let mut paused = false;
     let shared = Arc::new(api::Shared {
+        control_tx,
         link: link.clone(),
         status: VmStatus {
             qemu_pid,
@@ -413,11 +536,17 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
                 tracing::warn!(%why, "QEMU ended");
                 break End::State(VmState::Error, Some(why), None);
             }
+            Some((what, done)) = control_rx.recv() => {
+                let r = control(&mut qmp, &mut paused, what, spec, &store).await;
+                let _ = done.send(r.map_err(|e| e.to_string()));
+            }
             req = stop_rx.recv() => {
                 let (graceful_ms, done) = match req {
                     Some(r) => (r.0, Some(r.1)),
                     None => (0, None),
                 };
+                // A paused guest cannot shut itself down.
+                let graceful_ms = if paused { 0 } else { graceful_ms };
                 shutdown(&mut child, &mut qmp, &link, graceful_ms).await;
                 break End::State(VmState::Stopped, None, done);
             }
@@ -467,6 +596,56 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
     }
     Ok(())
 }
+
+/// Carries out a pause, resume or snapshot request on the running VM.
+async fn control(
+    qmp: &mut Qmp,
+    paused: &mut bool,
+    what: api::Control,
+    spec: &LaunchSpec,
+    store: &Store,
+) -> Result<()> {
+    match what {
+        api::Control::Pause => {
+            if !*paused {
+                saved::pause(qmp).await?;
+                *paused = true;
+                store.set_state(&spec.id, VmState::Paused, None)?;
+            }
+        }
+        api::Control::Resume => {
+            if *paused {
+                saved::resume(qmp).await?;
+                *paused = false;
+                store.set_state(&spec.id, VmState::Running, None)?;
+            }
+        }
+        api::Control::Snapshot(dir) => {
+            // Frozen while memory and disk are saved, so the two agree.
+            if !*paused {
+                saved::pause(qmp).await?;
+            }
+            let saved = async {
+                saved::ignore_shared_ram(qmp, false).await?;
+                saved::save(qmp, &dir.join(crate::snapshot::files::MEMORY)).await?;
+                saved::copy_disk(&spec.disk, &dir.join(crate::snapshot::files::DISK)).await
+            }
+            .await;
+            if !*paused {
+                saved::resume(qmp).await?;
+            }
+            saved?;
+        }
+    }
+    Ok(())
+}
+
+/// What a template runs before it is saved: its network device is brought up (opening it
+/// fills its receive ring; a resumed VM then only sets its address), and the programs a
+/// first command most likely uses are read into the page cache.
+const TEMPLATE_WARMUP: &str = "ip link set eth0 up 2>/dev/null; \
+     for p in /bin/bash /bin/sh /usr/bin/env /bin/true /bin/echo /bin/cat \
+     /usr/bin/python3; do [ -x $p ] && cat $p >/dev/null; done; echo warm >/dev/null; true";
 
 /// How often the supervisor checks that its VM still exists and its owner still lives.
 const OWNER_POLL: Duration = Duration::from_millis(500);
