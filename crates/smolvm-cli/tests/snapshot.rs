@@ -152,7 +152,24 @@ fn pause_freezes_clock_driven_work_and_resume_continues_it() {
 fn forks_share_the_state_but_not_the_identity() {
     let vm = fresh_vm();
     sh(&vm, "echo parent > /var/tmp/from-parent");
-    let forks = vm.fork(2).unwrap();
+    // `gc` runs over and over meanwhile: it must take no part of a fork for a leftover
+    // (the forks' disks are remade by `qemu-img` before they start).
+    let forking = std::sync::atomic::AtomicBool::new(true);
+    let (forks, gc_runs) = std::thread::scope(|s| {
+        let gc = s.spawn(|| {
+            let mut runs = 0;
+            while forking.load(std::sync::atomic::Ordering::Relaxed) {
+                runtime().gc().unwrap();
+                runs += 1;
+            }
+            runs
+        });
+        let forks = vm.fork(2);
+        forking.store(false, std::sync::atomic::Ordering::Relaxed);
+        (forks, gc.join().unwrap())
+    });
+    let forks = forks.unwrap();
+    assert!(gc_runs > 0);
     assert_eq!(forks.len(), 2);
     let (a, b) = (&forks[0], &forks[1]);
     for f in [a, b] {

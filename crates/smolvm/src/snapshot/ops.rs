@@ -216,6 +216,11 @@ impl Runtime {
         }
         let vm = self.create_with_owner(config, owner)?;
         let rebased = (|| {
+            // Held while the disk is remade, so `gc` takes the `qemu-img` at work for no
+            // leftover of a dead VM (it leaves locked VMs alone).
+            let _lock = crate::supervisor::try_lock(vm.dir())?.ok_or_else(|| {
+                Error::Snapshot(format!("VM {} was locked by another process", vm.id()))
+            })?;
             let rec = vm.info()?;
             rebase_overlay(&rec, &saved.disk())?;
             // The snapshot holds its own link to the image's root file system.
