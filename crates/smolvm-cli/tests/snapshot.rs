@@ -148,6 +148,33 @@ fn pause_freezes_clock_driven_work_and_resume_continues_it() {
     vm.delete().unwrap();
 }
 
+/// Serializes this binary's `gc` runs, so a test can plant leftovers and see its own gc
+/// sweep them (another test's gc would sweep them first).
+static GC_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A turn at `gc` held for a whole test.
+struct GcTurn {
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl GcTurn {
+    fn take() -> Self {
+        GcTurn {
+            _turn: GC_TURN.lock().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+
+    /// Runs gc within this turn.
+    fn gc(&self, rt: &smolvm::Runtime) -> smolvm::GcReport {
+        rt.gc().unwrap()
+    }
+}
+
+/// Runs gc in its turn.
+fn gc(rt: &smolvm::Runtime) -> smolvm::GcReport {
+    GcTurn::take().gc(rt)
+}
+
 #[test]
 fn forks_share_the_state_but_not_the_identity() {
     let vm = fresh_vm();
@@ -159,7 +186,7 @@ fn forks_share_the_state_but_not_the_identity() {
         let gc = s.spawn(|| {
             let mut runs = 0;
             while forking.load(std::sync::atomic::Ordering::Relaxed) {
-                runtime().gc().unwrap();
+                gc(&runtime());
                 runs += 1;
             }
             runs
@@ -407,6 +434,8 @@ fn a_resumed_guest_gets_its_network_and_the_users_kernel_arguments_still_win() {
 #[test]
 fn gc_removes_what_dead_snapshot_writers_and_forks_left() {
     let rt = runtime();
+    // No other test's gc may sweep what this one plants before its own gc runs.
+    let gc_exclusive = GcTurn::take();
     // A pid that is surely gone: a child that already exited.
     let mut child = std::process::Command::new("true").spawn().unwrap();
     let dead = child.id();
@@ -424,7 +453,7 @@ fn gc_removes_what_dead_snapshot_writers_and_forks_left() {
     let live = snaps.join(format!(".busy.tmp-{}", std::process::id()));
     std::fs::create_dir_all(&live).unwrap();
 
-    let report = rt.gc().unwrap();
+    let report = gc_exclusive.gc(&rt);
     assert!(!half.exists() && !build.exists(), "{report:?}");
     assert!(report.removed_dirs.contains(&half), "{report:?}");
     assert!(live.exists());
@@ -486,7 +515,7 @@ fn a_changed_image_gets_a_new_template_and_gc_drops_the_old_one() {
         first, second,
         "a changed image must not serve its old template"
     );
-    let report = rt.gc().unwrap();
+    let report = gc(&rt);
     let old_key = first.rsplit('/').next().unwrap().to_string();
     assert!(
         report
@@ -543,7 +572,7 @@ fn templates_past_the_cap_go_and_no_vm_or_snapshot_needs_its_template_or_image()
         copies.push(copy);
     }
     age(&tdir.join(&key), 10);
-    let report = rt.gc().unwrap();
+    let report = gc(&rt);
     // Six templates, four kept: the VM's (10 h idle) and copy1 (5 h) go.
     assert!(!tdir.join(&key).exists(), "{report:?}");
     assert!(!copies[0].exists(), "{report:?}");

@@ -344,6 +344,12 @@ impl Runtime {
     }
 }
 
+/// What [`Vm::remove`] left: the removed VM's base, and its disk if retained.
+struct Removed {
+    base: Option<String>,
+    kept: Option<PathBuf>,
+}
+
 impl Vm {
     /// The VM's id.
     pub fn id(&self) -> &str {
@@ -407,26 +413,36 @@ impl Vm {
         // Take the VM's lock now and hand it to the supervisor, so it is held without a gap
         // from here to the supervisor's exit: two starts cannot race, and `gc` never
         // mistakes a VM being started for an orphan.
-        let Some(lock) = crate::supervisor::try_lock(&self.dir)? else {
-            let starting = || Error::BadState {
-                id: self.id.clone(),
-                state: "starting".into(),
-                hint: "another process is starting it; wait for it to finish".into(),
-            };
-            let status = self.client().status().map_err(|_| starting())?;
-            let guest = status.guest.ok_or_else(starting)?;
-            return Ok(StartTimings {
-                create_start: Duration::ZERO,
-                ready: Duration::ZERO,
-                accelerator: if status.accelerator == Accelerator::Kvm.as_str() {
-                    Accelerator::Kvm
-                } else {
-                    Accelerator::Tcg
-                },
-                guest,
-                already_running: true,
-                restored: None,
-            });
+        let lock = match crate::supervisor::try_lock(&self.dir)? {
+            Some(lock) => lock,
+            None => {
+                if let Some((status, guest)) = self
+                    .client()
+                    .status()
+                    .ok()
+                    .and_then(|s| s.guest.clone().map(|g| (s, g)))
+                {
+                    return Ok(StartTimings {
+                        create_start: Duration::ZERO,
+                        ready: Duration::ZERO,
+                        accelerator: if status.accelerator == Accelerator::Kvm.as_str() {
+                            Accelerator::Kvm
+                        } else {
+                            Accelerator::Tcg
+                        },
+                        guest,
+                        already_running: true,
+                        restored: None,
+                    });
+                }
+                // No supervisor answers: held by a start in progress, or for an instant.
+                crate::supervisor::lock_within(&self.dir, crate::supervisor::LOCK_RETRY)?
+                    .ok_or_else(|| Error::BadState {
+                        id: self.id.clone(),
+                        state: "starting".into(),
+                        hint: "another process is starting it; wait for it to finish".into(),
+                    })?
+            }
         };
         let boot = self.rt.boot_files(&rec.config)?;
         let disk_path = PathBuf::from(&rec.disk_path);
@@ -710,20 +726,36 @@ impl Vm {
     /// Stops the VM and removes everything of it: processes, sockets, overlay (unless
     /// `retain_disk_on_delete`), row. Returns where the disk was retained, if it was.
     pub fn delete(&self) -> Result<Option<PathBuf>> {
+        let rec = self.remove()?;
+        if let Some(base) = &rec.base {
+            self.rt.release_fork_state(base);
+        }
+        Ok(rec.kept)
+    }
+
+    /// [`Vm::delete`], leaving the saved state the VM was made from even when it was a
+    /// fork's and this its last user: a fork removes it itself once all its VMs are made.
+    pub(crate) fn delete_keeping_saved_state(&self) -> Result<Option<PathBuf>> {
+        Ok(self.remove()?.kept)
+    }
+
+    /// Stops the VM and removes it; returns its base and where its disk was retained.
+    fn remove(&self) -> Result<Removed> {
         let rec = self.info()?;
         // A disk that is kept must be consistent: shut the guest down cleanly first.
         self.stop(rec.config.retain_disk_on_delete)?;
         // Hold the VM's lock while its files go (`qemu-img` rewrites a disk that is kept):
         // `gc` leaves a locked VM and its processes alone, and no start can begin.
-        let _lock = self
-            .dir
-            .is_dir()
-            .then(|| crate::supervisor::try_lock(&self.dir).ok().flatten());
+        let _lock = self.dir.is_dir().then(|| {
+            crate::supervisor::lock_within(&self.dir, crate::supervisor::LOCK_RETRY)
+                .ok()
+                .flatten()
+        });
         let kept = crate::cleanup::remove_vm(&self.rt.paths().state_dir, &self.rt.store(), &rec)?;
-        if let Some(base) = &rec.base {
-            self.rt.release_fork_state(base);
-        }
-        Ok(kept)
+        Ok(Removed {
+            base: rec.base,
+            kept,
+        })
     }
 
     /// Makes this VM ephemeral (owned by `owner`: deleted when that process dies) or, with

@@ -218,7 +218,8 @@ impl Runtime {
         let rebased = (|| {
             // Held while the disk is remade, so `gc` takes the `qemu-img` at work for no
             // leftover of a dead VM (it leaves locked VMs alone).
-            let _lock = crate::supervisor::try_lock(vm.dir())?.ok_or_else(|| {
+            let held = crate::supervisor::lock_within(vm.dir(), crate::supervisor::LOCK_RETRY)?;
+            let _lock = held.ok_or_else(|| {
                 Error::Snapshot(format!("VM {} was locked by another process", vm.id()))
             })?;
             let rec = vm.info()?;
@@ -416,7 +417,8 @@ impl Vm {
                         match vm.start() {
                             Ok(_) => Ok(vm),
                             Err(e) => {
-                                let _ = vm.delete();
+                                // The siblings still need the fork's state.
+                                let _ = vm.delete_keeping_saved_state();
                                 Err(e)
                             }
                         }
