@@ -726,11 +726,11 @@ impl Vm {
     /// Stops the VM and removes everything of it: processes, sockets, overlay (unless
     /// `retain_disk_on_delete`), row. Returns where the disk was retained, if it was.
     pub fn delete(&self) -> Result<Option<PathBuf>> {
-        let rec = self.remove()?;
-        if let Some(base) = &rec.base {
+        let removed = self.remove()?;
+        if let Some(base) = &removed.base {
             self.rt.release_fork_state(base);
         }
-        Ok(rec.kept)
+        Ok(removed.kept)
     }
 
     /// [`Vm::delete`], leaving the saved state the VM was made from even when it was a

@@ -220,7 +220,11 @@ impl Runtime {
             // leftover of a dead VM (it leaves locked VMs alone).
             let held = crate::supervisor::lock_within(vm.dir(), crate::supervisor::LOCK_RETRY)?;
             let _lock = held.ok_or_else(|| {
-                Error::Snapshot(format!("VM {} was locked by another process", vm.id()))
+                Error::Snapshot(format!(
+                    "the new VM {} is locked by another process (a start or delete of it); \
+                     nothing was restored, try again",
+                    vm.id()
+                ))
             })?;
             let rec = vm.info()?;
             rebase_overlay(&rec, &saved.disk())?;
