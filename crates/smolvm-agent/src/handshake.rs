@@ -91,7 +91,18 @@ pub fn answer(hello: &Hello, apply: bool) -> GuestMessage {
         kernel_release: kernel_release(),
         hostname: hostname(),
         boot_ms: boot_ms(),
+        clocksource: clocksource(),
     })
+}
+
+/// Where the kernel names its current clocksource.
+const CLOCKSOURCE: &str = "/sys/devices/system/clocksource/clocksource0/current_clocksource";
+
+/// The kernel's current clocksource (`tsc`, `kvm-clock`, ...), or `unknown`.
+fn clocksource() -> String {
+    std::fs::read_to_string(CLOCKSOURCE)
+        .map(|s| s.trim().chars().take(64).collect())
+        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 /// Milliseconds since the kernel started (`CLOCK_BOOTTIME`).
@@ -123,7 +134,37 @@ pub fn set_hostname(name: &str) -> Result<(), String> {
     nix::unistd::sethostname(name).map_err(|e| e.desc().to_owned())
 }
 
+/// The kernel's free page reporting threshold: pages freed in blocks of at least this order
+/// are reported to the host (virtio-balloon `free-page-reporting`).
+const PAGE_REPORTING_ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+
+/// An order no block reaches (the largest is `MAX_ORDER - 1` = 10 on x86-64): nothing is
+/// reported.
+const NO_REPORTING_ORDER: &str = "11";
+
+/// Turns free page reporting on (at the kernel's own threshold, remembered from the first
+/// call) or off. Without the balloon driver there is nothing to turn.
+fn set_free_page_reporting(on: bool) {
+    static BOOT_ORDER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let boot = BOOT_ORDER.get_or_init(|| {
+        std::fs::read_to_string(PAGE_REPORTING_ORDER)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| s != NO_REPORTING_ORDER)
+    });
+    let Some(boot) = boot else { return };
+    let want = if on {
+        boot.as_str()
+    } else {
+        NO_REPORTING_ORDER
+    };
+    if let Err(e) = std::fs::write(PAGE_REPORTING_ORDER, want) {
+        tracing::warn!("cannot set the free page reporting order to {want}: {e}");
+    }
+}
+
 fn apply_identity(hello: &Hello) {
+    set_free_page_reporting(hello.free_page_reporting);
     if hello.host_time_unix_ns != 0 {
         let ns = hello.host_time_unix_ns;
         let ts = nix::sys::time::TimeSpec::new(
@@ -187,6 +228,7 @@ mod tests {
             host_time_unix_ns: 0,
             hostname: String::new(),
             entropy: ByteBuf::from(vec![1, 2, 3]),
+            free_page_reporting: false,
         }
     }
 

@@ -245,6 +245,7 @@ mod tests {
             host_time_unix_ns: 0,
             hostname: String::new(),
             entropy: ByteBuf::new(),
+            free_page_reporting: false,
         });
         let talk = async {
             framed
@@ -265,6 +266,7 @@ mod tests {
             host_time_unix_ns: 0,
             hostname: String::new(),
             entropy: ByteBuf::new(),
+            free_page_reporting: false,
         })
     }
 

@@ -45,6 +45,7 @@ async fn guest_boots_hands_over_identity_and_runs_commands() {
         host_time_unix_ns: now_ns,
         hostname: "guest-test".into(),
         entropy: ByteBuf::from(vec![0x42; 64]),
+        free_page_reporting: true,
     }))
     .await;
     let Some(GuestMessage::Hello(reply)) = r.recv().await else {

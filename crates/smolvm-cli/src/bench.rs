@@ -49,6 +49,32 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// How many idle VMs this host holds: starts N VMs from the image's template, then
+    /// measures their idle CPU, host memory (PSS), that each answers, and whether a guest
+    /// gives freed memory back; deletes them all.
+    Density {
+        /// VMs to start, one after another.
+        #[arg(short = 'n', long = "vms", value_name = "N", default_value_t = 20)]
+        n: usize,
+        /// Memory per VM in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+        /// vCPUs per VM.
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Seconds over which idle CPU is measured (after 5 s settling).
+        #[arg(long, default_value_t = 30)]
+        idle_secs: u64,
+        /// Network mode: none, auto, nat or user.
+        #[arg(long, default_value = "none")]
+        network: String,
+        /// Skip the check that a guest gives freed memory back.
+        #[arg(long)]
+        no_reclaim: bool,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Serialize)]
@@ -68,8 +94,8 @@ pub(crate) struct Setting {
     accelerator_reason: String,
     machine: String,
     qemu: String,
-    vcpus: u32,
-    memory_mib: u32,
+    pub(crate) vcpus: u32,
+    pub(crate) memory_mib: u32,
 }
 
 impl Setting {
@@ -106,7 +132,8 @@ struct Report {
     phases: Vec<Stat>,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p`th percentile of `sorted` (nearest rank; 0 when empty).
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -211,6 +238,25 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 cpus: shape.cpus,
                 memory: shape.memory,
                 network: shape.network.parse()?,
+                json,
+            })
+        }
+        BenchCmd::Density {
+            n,
+            memory,
+            cpus,
+            idle_secs,
+            network,
+            no_reclaim,
+            json,
+        } => {
+            return crate::bench_density::run(&crate::bench_density::Params {
+                n,
+                cpus,
+                memory,
+                idle_secs,
+                network: network.parse()?,
+                reclaim: !no_reclaim,
                 json,
             })
         }

@@ -442,6 +442,8 @@ pub fn inspect(id: &str) -> Result<()> {
         "console_log": vm.console_log(),
         "supervisor_log": vm.dir().join(smolvm::supervisor::files::SUPERVISOR_LOG),
         "forwards": vm.forwards()?,
+        // Kernel, agent and clocksource, as the guest reported them (when running).
+        "guest": if running { vm.guest().ok() } else { None },
         "network": vm.network_info()?,
         "env_names": if running {
             vm.env_vars().ok().map(|e| e.into_keys().collect::<Vec<_>>())

@@ -5,6 +5,7 @@
 
 mod agent_bin;
 mod bench;
+mod bench_density;
 mod bench_start;
 mod cmd_cp;
 mod cmd_image;

@@ -22,6 +22,7 @@ pub const GUEST_MODULES: &[&str] = &[
     "net_failover",
     "virtio_net",
     "virtio_rng",
+    "virtio_balloon",
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",

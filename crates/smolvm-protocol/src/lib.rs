@@ -18,7 +18,7 @@ pub use frame::{decode, encode, read_frame, write_frame, MAX_FRAME_LEN};
 pub use message::*;
 
 /// The protocol generation spoken by this build. Bump it on any change to the wire format.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Name of the virtio-serial port that carries the agent channel.
 pub const AGENT_PORT_NAME: &str = "org.smolvm.agent";

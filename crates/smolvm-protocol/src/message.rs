@@ -15,6 +15,10 @@ pub struct Hello {
     pub hostname: String,
     /// Fresh host randomness the agent mixes into the guest's entropy pool.
     pub entropy: ByteBuf,
+    /// Whether the guest should report the pages it frees (virtio-balloon free page
+    /// reporting), so the host can take them back. Off where the host cannot discard guest
+    /// memory (a VM whose RAM is a copy-on-write map of its template's file). Generation 5.
+    pub free_page_reporting: bool,
 }
 
 /// The agent's answer to [`Hello`]; the VM is ready once the host has it.
@@ -30,6 +34,9 @@ pub struct HelloReply {
     pub hostname: String,
     /// Milliseconds from kernel start to the agent serving (guest `CLOCK_BOOTTIME`).
     pub boot_ms: u64,
+    /// The guest kernel's current clocksource (`tsc`, `kvm-clock`; `refined-jiffies` or
+    /// `jiffies` means a clock that ticks and drifts). Generation 5.
+    pub clocksource: String,
 }
 
 /// What to execute.

@@ -118,7 +118,7 @@ fn wire_format_snapshot_v3() {
 /// Generation 4: snapshots (`Network`, `Pause`, `Resume`, `Snapshot`).
 #[test]
 fn wire_format_snapshot_v4() {
-    assert_eq!(PROTOCOL_VERSION, 4);
+    const { assert!(PROTOCOL_VERSION >= 4) };
     let net = crate::boot::GuestNet {
         addr: std::net::Ipv4Addr::new(172, 16, 0, 2),
         prefix: 32,
@@ -141,6 +141,33 @@ fn wire_format_snapshot_v4() {
         encode(&ApiRequest::Snapshot { dir: "/s".into() }).unwrap(),
         vec![9, 2, b'/', b's']
     );
+}
+
+/// Generation 5: `HelloReply` ends with the guest's clocksource.
+#[test]
+fn wire_format_snapshot_v5() {
+    assert_eq!(PROTOCOL_VERSION, 5);
+    let hello = GuestMessage::Hello(HelloReply {
+        protocol_version: 5,
+        agent_version: "1".into(),
+        kernel_release: "k".into(),
+        hostname: "h".into(),
+        boot_ms: 2,
+        clocksource: "tsc".into(),
+    });
+    let want = vec![0, 5, 1, b'1', 1, b'k', 1, b'h', 2, 3, b't', b's', b'c'];
+    assert_eq!(encode(&hello).unwrap(), want);
+    assert_eq!(decode::<GuestMessage>(&want).unwrap(), hello);
+    let hello = HostMessage::Hello(Hello {
+        protocol_version: 5,
+        host_time_unix_ns: 1,
+        hostname: "h".into(),
+        entropy: ByteBuf::from(vec![7]),
+        free_page_reporting: true,
+    });
+    let want = vec![0, 5, 1, 1, b'h', 1, 7, 1];
+    assert_eq!(encode(&hello).unwrap(), want);
+    assert_eq!(decode::<HostMessage>(&want).unwrap(), hello);
 }
 
 #[test]

@@ -283,6 +283,7 @@ pub fn hello(version: u32) -> HostMessage {
         host_time_unix_ns: 0,
         hostname: String::new(),
         entropy: ByteBuf::from(vec![0x5a; 32]),
+        free_page_reporting: false,
     })
 }
 

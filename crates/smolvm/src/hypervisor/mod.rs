@@ -73,6 +73,17 @@ pub struct LaunchSpec {
     pub template_out: Option<PathBuf>,
 }
 
+impl LaunchSpec {
+    /// Whether QEMU can give the guest's freed memory back to the host. Not in a VM resumed
+    /// from a template: its RAM is a private copy-on-write map of the template's file, and
+    /// QEMU discards file-backed RAM only by punching holes in the file, which it refuses
+    /// for a file opened read-only ("Discarding RAM with readonly files is not supported";
+    /// read-write, it would punch them into the template every VM shares).
+    pub fn can_discard_ram(&self) -> bool {
+        self.template_out.is_some() || !self.restore.as_ref().is_some_and(|r| r.ram.is_some())
+    }
+}
+
 /// A saved state to resume from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RestoreFrom {

@@ -65,8 +65,15 @@ pub fn key(c: &VmConfig, accel: &AccelReport, stamp: &str) -> String {
             format!("{}:{}", m.len(), m.mtime())
         })
         .unwrap_or_default();
+    // The kernel arguments smolvm itself adds (not the per-VM ones a restore replaces), so
+    // a template made with an older command line is not reused.
+    let machine_args = format!(
+        "{} {}",
+        crate::hypervisor::qemu::BASE_BOOT_ARGS,
+        QemuMicrovm::machine_args(accel.accelerator, accel.tsc_khz, c.vcpu_count)
+    );
     let fields = format!(
-        "v1|smolvm={}|proto={}|stamp={stamp}|cpus={}|mem={}|nic={}|args={:?}|disk={:?}|accel={}|qemu={qemu}",
+        "v1|smolvm={}|proto={}|stamp={stamp}|cpus={}|mem={}|nic={}|args={:?}|disk={:?}|accel={}|qemu={qemu}|kernel={machine_args:?}|devices={}",
         env!("CARGO_PKG_VERSION"),
         smolvm_protocol::PROTOCOL_VERSION,
         c.vcpu_count,
@@ -75,6 +82,7 @@ pub fn key(c: &VmConfig, accel: &AccelReport, stamp: &str) -> String {
         c.boot_args,
         c.disk_size_mib,
         accel.accelerator,
+        QemuMicrovm::DEVICES_GENERATION,
     );
     h.update(fields.as_bytes());
     format!(

@@ -114,7 +114,8 @@ impl AgentLink {
     }
 
     /// Performs the versioned handshake; the VM is ready when it returns.
-    pub async fn handshake(&self, hostname: &str) -> Result<HelloReply> {
+    /// `free_page_reporting`: whether the guest should report freed pages (see [`Hello`]).
+    pub async fn handshake(&self, hostname: &str, free_page_reporting: bool) -> Result<HelloReply> {
         let mut s = self.open().await?;
         let mut entropy = vec![0u8; 64];
         crate::util::random_bytes(&mut entropy);
@@ -123,6 +124,7 @@ impl AgentLink {
             host_time_unix_ns: crate::util::now_unix_ns(),
             hostname: hostname.to_string(),
             entropy: entropy.into(),
+            free_page_reporting,
         });
         send(&mut s, &hello).await?;
         match recv(&mut s).await? {

@@ -6,6 +6,7 @@ pub mod agent_link;
 pub mod api;
 pub mod console;
 pub mod forward;
+pub mod owner;
 pub mod saved;
 pub mod spawn;
 pub mod stale;
@@ -401,7 +402,7 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
         let handshake = async {
             tokio::time::timeout(
                 Duration::from_secs(spec.ready_timeout_secs),
-                link.handshake(&spec.id),
+                link.handshake(&spec.id, spec.can_discard_ram()),
             )
             .await
             .map_err(|_| Error::ReadyTimeout {
@@ -565,8 +566,9 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
     });
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io_err("installing SIGTERM handler"))?;
-    let mut watch = tokio::time::interval(OWNER_POLL);
+    let mut watch = tokio::time::interval(RECORD_POLL);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut owner = owner::OwnerWatch::default();
 
     let end = loop {
         tokio::select! {
@@ -598,8 +600,14 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
                 shutdown(&mut child, &mut qmp, &link, 0).await;
                 break End::State(VmState::Stopped, None, None);
             }
-            _ = watch.tick() => {
-                match store.get(&spec.id) {
+            // The owner's exit wakes us at once; the record is looked at now and then
+            // (deleted behind our back, or the owner let go of the VM).
+            _ = async { tokio::select! { _ = watch.tick() => {}, _ = owner.exited() => {} } } => {
+                let rec = store.get(&spec.id);
+                if let Ok(Some(r)) = &rec {
+                    owner.follow(r.owner);
+                }
+                match rec {
                     // Deleted behind our back (e.g. `smolvm rm` of a VM it could not reach).
                     Ok(None) => {
                         shutdown(&mut child, &mut qmp, &link, 0).await;
@@ -691,8 +699,10 @@ const TEMPLATE_WARMUP: &str = "ip link set eth0 up 2>/dev/null; \
      for p in /bin/bash /bin/sh /usr/bin/env /bin/true /bin/echo /bin/cat \
      /usr/bin/python3; do [ -x $p ] && cat $p >/dev/null; done; echo warm >/dev/null; true";
 
-/// How often the supervisor checks that its VM still exists and its owner still lives.
-const OWNER_POLL: Duration = Duration::from_millis(500);
+/// How often the supervisor checks that its VM's record still exists (and who owns it). An
+/// owner's exit is seen at once through a pidfd; this only catches a record deleted behind
+/// the supervisor's back, so it runs rarely: every wakeup costs an idle host CPU time.
+const RECORD_POLL: Duration = Duration::from_secs(5);
 
 /// How the supervisor's main loop ended.
 enum End {
