@@ -40,7 +40,10 @@ fn every_vm_gets_a_real_clocksource_and_inspect_shows_it() {
         let out = cli(&["inspect", vm.id()]);
         assert!(out.status.success(), "{out:?}");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let shown = v["guest"]["clocksource"].as_str().unwrap_or_default().to_string();
+        let shown = v["guest"]["clocksource"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let cmdline = sh(&vm, "cat /proc/cmdline");
         vm.delete().unwrap();
         let how = if snapshot { "resumed" } else { "cold" };
@@ -48,7 +51,11 @@ fn every_vm_gets_a_real_clocksource_and_inspect_shows_it() {
             !shown.contains("jiffies") && !in_guest.contains("jiffies"),
             "{how} VM under {accel} ticks on {in_guest:?} (inspect: {shown:?}); cmdline {cmdline}"
         );
-        assert_eq!(shown, in_guest.trim(), "{how}: inspect and the guest disagree");
+        assert_eq!(
+            shown,
+            in_guest.trim(),
+            "{how}: inspect and the guest disagree"
+        );
         assert_eq!(
             shown,
             expected_clocksource(&accel),

@@ -796,11 +796,14 @@ impl Vm {
     /// What the running guest said about itself at its handshake (kernel, agent, clocksource).
     pub fn guest(&self) -> Result<smolvm_protocol::HelloReply> {
         self.require_running()?;
-        self.client().status()?.guest.ok_or_else(|| Error::BadState {
-            id: self.id.clone(),
-            state: "starting".into(),
-            hint: "its agent has not answered yet; try again in a moment".into(),
-        })
+        self.client()
+            .status()?
+            .guest
+            .ok_or_else(|| Error::BadState {
+                id: self.id.clone(),
+                state: "starting".into(),
+                hint: "its agent has not answered yet; try again in a moment".into(),
+            })
     }
 
     /// The persistent environment variables, read from the running guest.
