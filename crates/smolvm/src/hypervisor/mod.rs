@@ -80,7 +80,7 @@ impl LaunchSpec {
     /// for a file opened read-only ("Discarding RAM with readonly files is not supported";
     /// read-write, it would punch them into the template every VM shares).
     pub fn can_discard_ram(&self) -> bool {
-        self.template_out.is_some() || !self.restore.as_ref().is_some_and(|r| r.ram.is_some())
+        self.template_out.is_some() || self.restore.as_ref().is_none_or(|r| r.ram.is_none())
     }
 }
 
