@@ -37,6 +37,55 @@ struct Report {
     phases: Vec<Stat>,
     cold_over_template_p50: f64,
     concurrent_p95_over_single_p50: Option<f64>,
+    concurrent_host_cpu: Option<HostCpu>,
+}
+
+/// How busy the host's CPUs were while the starts ran at once: if they were busy the whole
+/// time, the starts waited on CPU; idle CPU time means they waited on something else.
+#[derive(Serialize)]
+struct HostCpu {
+    wall_ms: f64,
+    cores: usize,
+    /// CPU time all processes used meanwhile (user, system, irq, steal excluded).
+    busy_ms: f64,
+    /// busy / (cores x wall).
+    busy_fraction: f64,
+    /// busy / starts.
+    busy_ms_per_start: f64,
+}
+
+impl HostCpu {
+    fn since(t0: Instant, cpu0: Option<(u64, u64)>, starts: usize) -> Option<HostCpu> {
+        let wall = t0.elapsed().as_secs_f64() * 1000.0;
+        let ((busy0, _), (busy1, _)) = (cpu0?, host_cpu_ticks()?);
+        // SAFETY: sysconf only reads a system constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let busy_ms = busy1.saturating_sub(busy0) as f64 * 1000.0 / hz;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Some(HostCpu {
+            wall_ms: wall,
+            cores,
+            busy_ms,
+            busy_fraction: busy_ms / (wall * cores as f64).max(1.0),
+            busy_ms_per_start: busy_ms / starts.max(1) as f64,
+        })
+    }
+}
+
+/// The host's busy and idle clock ticks so far, from the first line of `/proc/stat`.
+fn host_cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let idle = v.get(3)? + v.get(4)?;
+    let busy = v.get(0)? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
+    Some((busy, idle))
 }
 
 /// One start: create, start, run `echo`, until its output is back; then delete (untimed).
@@ -113,7 +162,9 @@ pub fn run(p: &Params) -> Result<()> {
         }
     }
     let mut together = Vec::new();
+    let mut host_cpu = None;
     if p.concurrent > 0 {
+        let (t0, cpu0) = (Instant::now(), host_cpu_ticks());
         let gate = Arc::new(Barrier::new(p.concurrent));
         let results: Vec<Result<(Duration, Option<String>)>> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..p.concurrent)
@@ -138,6 +189,7 @@ pub fn run(p: &Params) -> Result<()> {
             anyhow::ensure!(from.is_some(), "a concurrent start booted cold");
             together.push(d);
         }
+        host_cpu = HostCpu::since(t0, cpu0, p.concurrent);
     }
     let mut phases = vec![
         stat("cold boot to first output", &cold),
@@ -160,6 +212,7 @@ pub fn run(p: &Params) -> Result<()> {
         phases,
         cold_over_template_p50: ratio,
         concurrent_p95_over_single_p50: conc_ratio,
+        concurrent_host_cpu: host_cpu,
     };
     if p.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -178,6 +231,16 @@ pub fn run(p: &Params) -> Result<()> {
         println!(
             "{} at once, p95 / single template start p50: {c:.1}x",
             together.len()
+        );
+    }
+    if let Some(h) = &report.concurrent_host_cpu {
+        println!(
+            "host CPU while they ran: {:.0} ms busy in {:.0} ms on {} cores ({:.0} % busy), {:.0} ms of CPU per start",
+            h.busy_ms,
+            h.wall_ms,
+            h.cores,
+            h.busy_fraction * 100.0,
+            h.busy_ms_per_start
         );
     }
     Ok(())

@@ -106,6 +106,7 @@ impl Vm {
         d.set_item("already_running", t.already_running)?;
         d.set_item("kernel_release", t.guest.kernel_release)?;
         d.set_item("guest_boot_ms", t.guest.boot_ms)?;
+        d.set_item("clocksource", t.guest.clocksource)?;
         d.set_item("restored", t.restored)?;
         Ok(d)
     }

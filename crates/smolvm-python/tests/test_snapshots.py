@@ -92,6 +92,8 @@ def test_config_field():
 def test_source_resumed_from_the_template(source):
     t = source.last_start_timings
     assert t is not None and (t["restored"] or "").startswith("template:default/2c-512m-nonet"), t
+    # A real clocksource, never a ticking jiffies clock (2 vCPUs under TCG used to get one).
+    assert t["clocksource"] == ("kvm-clock" if t["accelerator"] == "kvm" else "tsc"), t
 
 
 def test_snapshot_is_saved_privately(source, s1):
