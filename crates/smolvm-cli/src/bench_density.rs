@@ -91,6 +91,9 @@ struct IdleCpu {
     total_pct: Dist,
     /// The host's 1, 5 and 15 minute load averages at the end of the window.
     load_average: Option<[f64; 3]>,
+    /// CPU time every process on the host used during the window (the VMs, this bench,
+    /// anything else), in % of one core: what the idle VMs cost the host all together.
+    host_busy_pct: Option<f64>,
 }
 
 /// Host memory per VM.
@@ -272,10 +275,15 @@ fn idle_cpu(vms: &[Running], window: Duration) -> IdleCpu {
             .collect()
     };
     let first = read();
+    let host0 = crate::bench_start::host_cpu_ticks();
     let t0 = Instant::now();
     std::thread::sleep(window);
     let last = read();
+    let host1 = crate::bench_start::host_cpu_ticks();
     let secs = t0.elapsed().as_secs_f64();
+    let host_busy_pct = host0
+        .zip(host1)
+        .map(|((b0, _), (b1, _))| b1.saturating_sub(b0) as f64 / clock_ticks() / secs * 100.0);
     let pct = |a: u64, b: u64| b.saturating_sub(a) as f64 / clock_ticks() / secs * 100.0;
     let (mut q, mut s, mut t) = (Vec::new(), Vec::new(), Vec::new());
     for ((q0, s0), (q1, s1)) in first.into_iter().zip(last) {
@@ -292,6 +300,7 @@ fn idle_cpu(vms: &[Running], window: Duration) -> IdleCpu {
         supervisor_pct: Dist::of(&s),
         total_pct: Dist::of(&t),
         load_average: load_average(),
+        host_busy_pct,
     }
 }
 
@@ -593,6 +602,12 @@ fn print_report(r: &Report) {
     ]);
     if let Some([a, b, c]) = i.load_average {
         println!("host load average after the idle window: {a:.2} {b:.2} {c:.2}");
+    }
+    if let Some(h) = r.idle_cpu.host_busy_pct {
+        println!(
+            "host CPU used by everything during the idle window: {h:.1} % of one core ({:.2} % per VM)",
+            h / r.started.max(1) as f64
+        );
     }
     println!("PSS of all VMs together: {:.1} MiB", m.sum_pss_mib);
     if let (Some(b), Some(a), Some(d)) = (

@@ -73,7 +73,7 @@ impl HostCpu {
 }
 
 /// The host's busy and idle clock ticks so far, from the first line of `/proc/stat`.
-fn host_cpu_ticks() -> Option<(u64, u64)> {
+pub(crate) fn host_cpu_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let v: Vec<u64> = stat
         .lines()
