@@ -84,7 +84,7 @@ pub(crate) fn host_cpu_ticks() -> Option<(u64, u64)> {
         .collect();
     // user nice system idle iowait irq softirq steal
     let idle = v.get(3)? + v.get(4)?;
-    let busy = v.get(0)? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
     Some((busy, idle))
 }
 
