@@ -402,6 +402,39 @@ mod tests {
     }
 
     #[test]
+    fn freed_ram_is_reported_except_where_it_maps_a_template() {
+        let ep = Endpoints {
+            agent: "/a".into(),
+            console: "/c".into(),
+            control: "/q".into(),
+        };
+        let mut s = spec(Accelerator::Tcg);
+        let a = QemuMicrovm::args(&s, &ep).join(" ");
+        assert!(
+            a.contains("-device virtio-balloon-device,free-page-reporting=on"),
+            "{a}"
+        );
+        // Booted cold: anonymous RAM.
+        assert!(s.can_discard_ram());
+        // A named snapshot or fork loads its RAM from the stream: anonymous too.
+        s.restore = Some(super::super::RestoreFrom {
+            memory: "/s/memory".into(),
+            cmdline: String::new(),
+            ram: None,
+        });
+        assert!(s.can_discard_ram());
+        // Resumed from a template: a private map of the template's read-only file.
+        if let Some(r) = s.restore.as_mut() {
+            r.ram = Some("/t/ram".into());
+        }
+        assert!(!s.can_discard_ram());
+        // Making a template: its own file, shared; holes in it are free pages.
+        s.restore = None;
+        s.template_out = Some("/t".into());
+        assert!(s.can_discard_ram());
+    }
+
+    #[test]
     fn cpu_model_follows_accelerator() {
         let ep = Endpoints {
             agent: "/a".into(),

@@ -505,6 +505,10 @@ mod tests {
             assert_ne!(k, key(&other, &accel(), "s1"), "{other:?}");
         }
         assert_ne!(k, key(&c, &accel(), "s2"));
+        // smolvm's own kernel arguments are part of it (here: the TSC rate under TCG).
+        let mut other_clock = accel();
+        other_clock.tsc_khz = Some(other_clock.tsc_khz.unwrap_or(1) + 1);
+        assert_ne!(k, key(&c, &other_clock, "s1"));
         assert_eq!(
             parse_base(&base_ref("default", &k)),
             Some(("default", k.as_str()))
