@@ -227,6 +227,39 @@ fn locate(deb: &Path, root: &Path) -> Result<UnpackedKernel, ImageError> {
     })
 }
 
+/// The kernel package `smolvm image build` cached in the images directory, unpacked once
+/// per test process, for the tests that check our readers against Debian's real files. It
+/// is there after `scripts/setup`, and `scripts/test` builds the image before the tests.
+#[cfg(test)]
+pub(crate) fn cached_for_tests() -> &'static UnpackedKernel {
+    static UNPACKED: std::sync::OnceLock<(tempfile::TempDir, UnpackedKernel)> =
+        std::sync::OnceLock::new();
+    &UNPACKED
+        .get_or_init(|| {
+            let cache = crate::default_images_dir().join(".cache");
+            let deb = std::fs::read_dir(&cache)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    let name = p.file_name().unwrap_or_default().to_string_lossy();
+                    name.starts_with("linux-image-") && name.ends_with(".deb")
+                })
+                .unwrap_or_else(|| {
+                    panic!(
+                        "no kernel package in {}: build the default image first \
+                         (`scripts/setup`, or `smolvm image build`; `scripts/test` does)",
+                        cache.display()
+                    )
+                });
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let unpacked = unpack(&deb, dir.path()).expect("unpacking the cached kernel package");
+            (dir, unpacked)
+        })
+        .1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
