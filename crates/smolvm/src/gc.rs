@@ -287,10 +287,13 @@ mod tests {
 
     /// A process whose command line names `path`, as `qemu-img create` names a new disk;
     /// returned once its command line can be read (the kernel sets it just after `exec`).
+    /// The shell waits in its `read` builtin: it forks nothing, so no second process (a
+    /// fork not yet exec'd still shows its parent's command line) ever names `path`.
     fn naming(path: &Path) -> std::process::Child {
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30"])
+            .args(["-c", "read line"])
             .arg(path)
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let needle = path.display().to_string();
