@@ -278,6 +278,14 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
+    fn endpoints() -> Endpoints {
+        Endpoints {
+            agent: "/a".into(),
+            console: "/c".into(),
+            control: "/q".into(),
+        }
+    }
+
     fn spec(accel: Accelerator) -> LaunchSpec {
         LaunchSpec {
             id: "vm-1".into(),
@@ -306,11 +314,7 @@ mod tests {
 
     #[test]
     fn nat_attaches_to_its_tap_and_passes_the_guest_address() {
-        let ep = Endpoints {
-            agent: "/a".into(),
-            console: "/c".into(),
-            control: "/q".into(),
-        };
+        let ep = endpoints();
         let mut s = spec(Accelerator::Tcg);
         s.network = NetworkMode::Nat;
         s.nat = Some(crate::network::NatPlan {
@@ -342,11 +346,7 @@ mod tests {
 
     #[test]
     fn a_restore_keeps_the_saved_command_line_and_loads_the_state() {
-        let ep = Endpoints {
-            agent: "/a".into(),
-            console: "/c".into(),
-            control: "/q".into(),
-        };
+        let ep = endpoints();
         let mut s = spec(Accelerator::Tcg);
         s.restore = Some(super::super::RestoreFrom {
             memory: "/t/memory".into(),
@@ -403,11 +403,7 @@ mod tests {
 
     #[test]
     fn freed_ram_is_reported_except_where_it_maps_a_template() {
-        let ep = Endpoints {
-            agent: "/a".into(),
-            console: "/c".into(),
-            control: "/q".into(),
-        };
+        let ep = endpoints();
         let mut s = spec(Accelerator::Tcg);
         let a = QemuMicrovm::args(&s, &ep).join(" ");
         assert!(
@@ -436,11 +432,7 @@ mod tests {
 
     #[test]
     fn cpu_model_follows_accelerator() {
-        let ep = Endpoints {
-            agent: "/a".into(),
-            console: "/c".into(),
-            control: "/q".into(),
-        };
+        let ep = endpoints();
         let tcg = QemuMicrovm::args(&spec(Accelerator::Tcg), &ep).join(" ");
         assert!(tcg.contains("-cpu max") && tcg.contains("tcg,thread=multi"));
         let kvm = QemuMicrovm::args(&spec(Accelerator::Kvm), &ep).join(" ");

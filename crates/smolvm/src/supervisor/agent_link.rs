@@ -28,6 +28,27 @@ pub struct AgentLink {
     closed: watch::Receiver<Option<String>>,
 }
 
+/// The most characters of any text field of the guest's handshake answer the host keeps.
+const MAX_HELLO_TEXT: usize = 256;
+
+/// The guest's handshake answer with its text fields made safe to keep and show: the guest
+/// chose them, so they are cut to [`MAX_HELLO_TEXT`] characters and lose control characters.
+fn bounded(mut reply: HelloReply) -> HelloReply {
+    for field in [
+        &mut reply.agent_version,
+        &mut reply.kernel_release,
+        &mut reply.hostname,
+        &mut reply.clocksource,
+    ] {
+        *field = field
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_HELLO_TEXT)
+            .collect();
+    }
+    reply
+}
+
 impl AgentLink {
     /// Starts driving a yamux session over `io` (the agent port's socket).
     pub fn spawn<T>(io: T) -> AgentLink
@@ -135,7 +156,7 @@ impl AgentLink {
                         reply.protocol_version, PROTOCOL_VERSION
                     )));
                 }
-                Ok(reply)
+                Ok(bounded(reply))
             }
             Some(GuestMessage::Error(e)) => Err(Error::Agent(e)),
             Some(other) => Err(Error::Agent(format!(
@@ -322,5 +343,26 @@ pub async fn recv(s: &mut AgentStream) -> Result<Option<GuestMessage>> {
             peer: "guest agent",
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guests_handshake_text_is_cut_and_cleaned() {
+        let r = bounded(HelloReply {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "1\u{1b}[2J".into(),
+            kernel_release: "k".repeat(10_000),
+            hostname: "h\n".into(),
+            boot_ms: 1,
+            clocksource: "tsc".into(),
+        });
+        assert_eq!(r.agent_version, "1[2J");
+        assert_eq!(r.kernel_release.len(), MAX_HELLO_TEXT);
+        assert_eq!(r.hostname, "h");
+        assert_eq!(r.clocksource, "tsc");
     }
 }
