@@ -1,0 +1,61 @@
+//! Memory a guest frees goes back to the host where QEMU can take it (free page reporting),
+//! with real VMs: a cold-booted VM's QEMU shrinks after its guest frees 200 MiB; a VM resumed
+//! from a template (whose RAM QEMU cannot discard) is told not to report at all.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{boot, sh, small};
+use smolvm::VmConfig;
+
+/// Where the guest kernel keeps its free page reporting threshold.
+const ORDER: &str = "cat /sys/module/page_reporting/parameters/page_reporting_order";
+
+/// QEMU's resident memory in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+#[test]
+fn a_cold_vm_gives_freed_memory_back() {
+    let vm = boot(VmConfig {
+        mem_size_mib: 512,
+        snapshot: false,
+        ..small()
+    });
+    let qemu = vm.info().unwrap().qemu_pid.unwrap();
+    let order: u32 = sh(&vm, ORDER).trim().parse().unwrap();
+    assert!(order < 11, "reporting is off in a cold VM (order {order})");
+    sh(&vm, "python3 -c 'b = bytearray(200*1024*1024)'");
+    let high = rss_mib(qemu);
+    // The guest reports freed blocks about 2 s after they are freed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut now = high;
+    while Instant::now() < deadline && now + 100 > high {
+        std::thread::sleep(Duration::from_millis(500));
+        now = rss_mib(qemu);
+    }
+    vm.delete().unwrap();
+    assert!(
+        now + 100 <= high,
+        "QEMU's RSS went from {high} MiB to only {now} MiB after the guest freed 200 MiB"
+    );
+}
+
+#[test]
+fn a_vm_resumed_from_a_template_is_told_not_to_report() {
+    let vm = boot(small());
+    let restored = vm.info().unwrap().base.unwrap_or_default();
+    let order = sh(&vm, ORDER);
+    vm.delete().unwrap();
+    assert!(restored.starts_with("template:"), "booted cold: {restored}");
+    assert_eq!(order.trim(), "11");
+}
