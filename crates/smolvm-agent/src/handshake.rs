@@ -98,12 +98,27 @@ pub fn answer(hello: &Hello, apply: bool) -> GuestMessage {
 /// Where the kernel names its current clocksource.
 const CLOCKSOURCE: &str = "/sys/devices/system/clocksource/clocksource0/current_clocksource";
 
-/// The kernel's current clocksource (`tsc`, `kvm-clock`, ...), or `unknown`.
+/// The kernel's current clocksource (`tsc`, `kvm-clock`, ...), or `unknown`. Early in a
+/// boot the kernel runs on `tsc-early` until its TSC calibration is refined (about a second
+/// of guest time), then switches to `tsc`; a handshake that comes first waits for the switch
+/// (at most [`EARLY_CLOCK_WAIT`]), so what the host shows is the clock the guest keeps.
 fn clocksource() -> String {
-    std::fs::read_to_string(CLOCKSOURCE)
-        .map(|s| s.trim().chars().take(64).collect())
-        .unwrap_or_else(|_| "unknown".to_owned())
+    let read = || {
+        std::fs::read_to_string(CLOCKSOURCE)
+            .map(|s| s.trim().chars().take(64).collect::<String>())
+            .unwrap_or_else(|_| "unknown".to_owned())
+    };
+    let deadline = Instant::now() + EARLY_CLOCK_WAIT;
+    let mut now = read();
+    while now == "tsc-early" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        now = read();
+    }
+    now
 }
+
+/// How long a handshake waits for the guest kernel to leave its early TSC clocksource.
+const EARLY_CLOCK_WAIT: Duration = Duration::from_secs(3);
 
 /// Milliseconds since the kernel started (`CLOCK_BOOTTIME`).
 pub fn boot_ms() -> u64 {
