@@ -80,6 +80,14 @@ pub fn exec_options(a: &ExecArgs) -> Result<ExecOptions> {
 
 /// Says once per state directory, clearly, that VMs run without KVM here, and why.
 fn tcg_notice(rt: &Runtime) {
+    use smolvm::hypervisor::VmmKind;
+    if VmmKind::from_env().ok() == Some(VmmKind::Fake) {
+        // Every time: nothing is isolated.
+        eprintln!(
+            "smolvm: note: SMOLVM_VMM=fake: no VM runs; commands run on this host as this user (the test lane's stand-in)"
+        );
+        return;
+    }
     let accel = smolvm::hypervisor::detect_accelerator();
     if accel.kvm_usable {
         return;

@@ -397,6 +397,27 @@ pub fn lock(disk: &Path) -> Result<DiskLock> {
         })
 }
 
+/// Copies a disk image (sparse where the file system allows), for a snapshot of a VM that
+/// goes on running.
+pub(crate) async fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
+    let out = tokio::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg("--reflink=auto")
+        .arg(from)
+        .arg(to)
+        .output()
+        .await
+        .map_err(io_err("running cp"))?;
+    if !out.status.success() {
+        return Err(Error::Snapshot(format!(
+            "copying the disk {} failed: {}",
+            from.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

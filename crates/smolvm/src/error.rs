@@ -137,6 +137,14 @@ pub enum Error {
     /// Saving or restoring a VM's state (a snapshot or a template) failed.
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// The VM's monitor cannot do this (the fake test monitor saves no state).
+    #[error("the {vmm} monitor cannot {operation}; VMs run by QEMU can")]
+    Unsupported {
+        /// The monitor's name.
+        vmm: &'static str,
+        /// What was asked of it.
+        operation: &'static str,
+    },
     /// No snapshot has this name.
     #[error("no snapshot named {0:?} (see `smolvm snapshot ls`)")]
     SnapshotNotFound(String),

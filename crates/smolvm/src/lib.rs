@@ -22,6 +22,7 @@ pub mod files;
 mod forward;
 mod gc;
 pub mod hypervisor;
+mod launch;
 pub mod network;
 pub mod paths;
 pub mod snapshot;

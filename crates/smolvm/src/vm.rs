@@ -17,9 +17,9 @@ use crate::config::{
     generate_id, validate_env, validate_env_name, DiskMode, NetworkMode, VmConfig,
 };
 use crate::disk::{self, OVERLAY_NAME};
-use crate::error::{io_err, Error, Result};
+use crate::error::{Error, Result};
 use crate::exec::{ExecOptions, ExecOutput};
-use crate::hypervisor::{detect_accelerator, Accelerator, LaunchSpec};
+use crate::hypervisor::Accelerator;
 use crate::paths::{create_private_dir, Paths};
 use crate::store::{Owner, Store, VmRecord, VmState};
 use crate::supervisor::files;
@@ -425,10 +425,10 @@ impl Vm {
                     return Ok(StartTimings {
                         create_start: Duration::ZERO,
                         ready: Duration::ZERO,
-                        accelerator: if status.accelerator == Accelerator::Kvm.as_str() {
-                            Accelerator::Kvm
-                        } else {
-                            Accelerator::Tcg
+                        accelerator: match status.accelerator.as_str() {
+                            "kvm" => Accelerator::Kvm,
+                            "none" => Accelerator::None,
+                            _ => Accelerator::Tcg,
                         },
                         guest,
                         already_running: true,
@@ -455,10 +455,9 @@ impl Vm {
             ))
             .into());
         }
-        let accel = detect_accelerator();
-        let ready_timeout_secs = ready_timeout_secs(accel.accelerator);
-        let point = if allow_saved {
-            self.resume_point(&rec, &boot, &accel)?
+        let host = crate::launch::Host::detect()?;
+        let point = if allow_saved && host.vmm.can_save() {
+            self.resume_point(&rec, &boot, &host.accel)?
         } else {
             None
         };
@@ -468,74 +467,61 @@ impl Vm {
         } else {
             None
         };
-        let spec = LaunchSpec {
-            id: self.id.clone(),
-            vcpus: rec.config.vcpu_count,
-            mem_mib: rec.config.mem_size_mib,
-            kernel: boot.kernel,
-            initrd: boot.initrd,
-            disk_format: disk::detect_format(&disk_path)?.as_str().into(),
-            disk: disk_path,
-            extra_boot_args: rec.config.boot_args.clone(),
-            network: rec.config.network,
-            accelerator: accel.accelerator,
-            tsc_khz: accel.tsc_khz,
-            db_path: self.rt.paths().db_path(),
-            ready_timeout_secs,
-            state_dir: self.rt.paths().state_dir.clone(),
-            lock_disk: !(boot.shareable && rec.config.disk_mode == DiskMode::Shared),
-            guest_net: match (&nat, rec.config.network) {
-                (Some(n), _) => Some(smolvm_protocol::boot::GuestNet {
-                    addr: n.addr,
-                    prefix: 32,
-                    gateway: crate::network::GATEWAY,
-                    dns: n.dns.clone(),
-                    mtu: crate::network::GUEST_MTU,
-                }),
-                // QEMU's slirp: fixed addresses, the same in every VM.
-                (None, NetworkMode::User) => Some(smolvm_protocol::boot::GuestNet::user_mode()),
-                _ => None,
-            },
-            restrict_user_net: rec.config.network == NetworkMode::User
-                && rec.config.egress == crate::config::EgressDefault::Deny,
-            unplugged_nic: point.as_ref().is_some_and(|p| p.saved.meta.nic)
-                && rec.config.network == NetworkMode::None,
-            restore: point.as_ref().map(|p| crate::hypervisor::RestoreFrom {
-                memory: p.saved.memory(),
-                cmdline: p.saved.meta.cmdline.clone(),
-                ram: p.saved.ram(),
+        let disk_format = disk::detect_format(&disk_path)?;
+        let mut spec = crate::launch::machine(
+            &self.id,
+            &rec.config,
+            (&boot.kernel, &boot.initrd),
+            (disk_path, disk_format),
+            &host,
+            (&self.rt.paths().db_path(), &self.rt.paths().state_dir),
+        );
+        spec.network = rec.config.network;
+        spec.lock_disk = !(boot.shareable && rec.config.disk_mode == DiskMode::Shared);
+        spec.guest_net = match (&nat, rec.config.network) {
+            (Some(n), _) => Some(smolvm_protocol::boot::GuestNet {
+                addr: n.addr,
+                prefix: 32,
+                gateway: crate::network::GATEWAY,
+                dns: n.dns.clone(),
+                mtu: crate::network::GUEST_MTU,
             }),
-            template_out: None,
-            nat,
+            // QEMU's slirp: fixed addresses, the same in every VM.
+            (None, NetworkMode::User) => Some(smolvm_protocol::boot::GuestNet::user_mode()),
+            _ => None,
         };
+        spec.restrict_user_net = rec.config.network == NetworkMode::User
+            && rec.config.egress == crate::config::EgressDefault::Deny;
+        spec.unplugged_nic = point.as_ref().is_some_and(|p| p.saved.meta.nic)
+            && rec.config.network == NetworkMode::None;
+        spec.restore = point.as_ref().map(|p| crate::hypervisor::RestoreFrom {
+            memory: p.saved.memory(),
+            cmdline: p.saved.meta.cmdline.clone(),
+            ram: p.saved.ram(),
+        });
+        spec.nat = nat;
         let restored_from = point.as_ref().map(|p| p.base.clone());
         if let Some(net) = &spec.guest_net {
             self.rt
                 .store()
                 .set_ip(&self.id, Some(&net.addr.to_string()))?;
         }
-        let spec_json = serde_json::to_vec_pretty(&spec).unwrap_or_default();
-        std::fs::write(self.dir.join(files::SPEC), spec_json).map_err(io_err(format!(
-            "writing {}",
-            self.dir.join(files::SPEC).display()
-        )))?;
         // A fresh console log per boot.
         let _ = std::fs::remove_file(self.console_log());
 
-        let deadline = t0 + Duration::from_secs(ready_timeout_secs + 30);
         let record_error = |reason: &str| {
             let _ = self
                 .rt
                 .store()
                 .set_state(&self.id, VmState::Error, Some(reason));
         };
-        match crate::supervisor::spawn::launch(&self.dir, lock, deadline) {
+        match crate::launch::start(&self.dir, &spec, lock, t0) {
             Ok(l) => {
                 let ready = t0.elapsed();
                 Ok(StartTimings {
                     create_start: l.qemu_started.unwrap_or(ready),
                     ready,
-                    accelerator: accel.accelerator,
+                    accelerator: host.accel.accelerator,
                     guest: l.hello,
                     already_running: false,
                     restored: restored_from,
@@ -553,14 +539,15 @@ impl Vm {
                 record_error("timed out waiting for the supervisor");
                 Err(Error::ReadyTimeout {
                     id: self.id.clone(),
-                    secs: ready_timeout_secs,
-                    accel: accel.accelerator.to_string(),
+                    secs: spec.ready_timeout_secs,
+                    accel: host.accel.accelerator.to_string(),
                     console: self.console_log(),
                 }
                 .into())
             }
-            Err(LaunchError::Vanished(tail)) => {
-                let reason = format!("the supervisor exited before the VM was ready: {tail}");
+            Err(LaunchError::Spawn(e)) => Err(e.into()),
+            Err(e) => {
+                let reason = e.reason();
                 record_error(&reason);
                 Err(Error::StartFailed {
                     id: self.id.clone(),
@@ -568,7 +555,6 @@ impl Vm {
                 }
                 .into())
             }
-            Err(LaunchError::Spawn(e)) => Err(e.into()),
         }
     }
 
@@ -826,18 +812,7 @@ impl Vm {
     }
 }
 
-/// Resolves `auto` networking to `nat` when this process may create TAP devices, else to
-/// `user`; refuses `nat` where it cannot work, saying why.
-/// Seconds to wait for a VM's agent: `SMOLVM_READY_TIMEOUT`, or 30 under KVM, 120 under TCG.
-pub(crate) fn ready_timeout_secs(accel: Accelerator) -> u64 {
-    std::env::var("SMOLVM_READY_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(match accel {
-            Accelerator::Kvm => 30,
-            Accelerator::Tcg => 120,
-        })
-}
+pub(crate) use crate::launch::ready_timeout_secs;
 
 /// Why a start failed: plainly, or because its template did not resume (then the caller
 /// boots cold).
@@ -861,7 +836,22 @@ impl StartError {
     }
 }
 
+/// Resolves `auto` networking to `nat` when this process may create TAP devices, else to
+/// `user`; refuses `nat` where it cannot work, saying why.
 pub(crate) fn resolve_network(mut config: VmConfig) -> Result<VmConfig> {
+    // The fake monitor's "guest" is the host: it has no network of its own to give.
+    if crate::hypervisor::VmmKind::from_env()? == crate::hypervisor::VmmKind::Fake {
+        return match config.network {
+            NetworkMode::Auto | NetworkMode::None => {
+                config.network = NetworkMode::None;
+                Ok(config)
+            }
+            NetworkMode::Nat | NetworkMode::User => Err(Error::Unsupported {
+                vmm: "fake",
+                operation: "give a VM a network (nat or user); use --network none",
+            }),
+        };
+    }
     match config.network {
         NetworkMode::Auto => {
             config.network = match crate::network::nat_available() {

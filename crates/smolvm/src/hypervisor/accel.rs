@@ -13,6 +13,9 @@ pub enum Accelerator {
     Kvm,
     /// QEMU's software emulation (seconds to boot, much slower).
     Tcg,
+    /// No virtual machine at all: the fake monitor of the test lane runs the agent as a
+    /// host process.
+    None,
 }
 
 impl Accelerator {
@@ -21,6 +24,7 @@ impl Accelerator {
         match self {
             Accelerator::Kvm => "kvm",
             Accelerator::Tcg => "tcg",
+            Accelerator::None => "none",
         }
     }
 }
@@ -42,6 +46,18 @@ pub struct AccelReport {
     pub reason: String,
     /// Host TSC rate in kHz, read from /proc/cpuinfo.
     pub tsc_khz: Option<u64>,
+}
+
+impl AccelReport {
+    /// What the fake monitor reports: no accelerator, since no VM runs.
+    pub fn fake() -> AccelReport {
+        AccelReport {
+            accelerator: Accelerator::None,
+            kvm_usable: false,
+            reason: "SMOLVM_VMM=fake: no VM runs; the agent runs as a host process".into(),
+            tsc_khz: None,
+        }
+    }
 }
 
 /// Detects the accelerator. `SMOLVM_ACCEL=tcg` forces software emulation;

@@ -11,10 +11,9 @@ use std::time::{Duration, Instant};
 use crate::config::{DiskMode, NetworkMode, VmConfig};
 use crate::error::{io_err, Error, Result};
 use crate::hypervisor::qemu::QemuMicrovm;
-use crate::hypervisor::{AccelReport, LaunchSpec};
+use crate::hypervisor::AccelReport;
 use crate::paths::create_private_dir;
 use crate::supervisor::files as vm_files;
-use crate::supervisor::spawn::{launch, LaunchError};
 
 use super::{files, Kind, Saved, SavedState};
 
@@ -293,52 +292,32 @@ fn build(dir: &Path, key: &str, stamp: &str, r: &Recipe<'_>) -> Result<PathBuf> 
         let disk = work.join(files::DISK);
         crate::disk::create_overlay(r.rootfs, &disk, r.config.disk_size_mib)?;
         let nic = has_nic(r.config);
-        let spec = LaunchSpec {
-            id: TEMPLATE_HOSTNAME.into(),
-            vcpus: r.config.vcpu_count,
-            mem_mib: r.config.mem_size_mib,
-            kernel: r.kernel.to_path_buf(),
-            initrd: r.initrd.to_path_buf(),
-            disk,
-            disk_format: "qcow2".into(),
-            extra_boot_args: r.config.boot_args.clone(),
-            // The template's network device has nothing behind it (a backend such as slirp
-            // would save state of its own that a VM on a TAP cannot load); each VM made from
-            // it gets its own backend and address when it resumes.
-            guest_net: None,
-            network: NetworkMode::None,
-            restrict_user_net: false,
-            accelerator: r.accel.accelerator,
-            tsc_khz: r.accel.tsc_khz,
-            db_path: r.db_path.to_path_buf(),
-            ready_timeout_secs: r.ready_timeout_secs,
-            state_dir: r.state_dir.to_path_buf(),
-            lock_disk: true,
-            nat: None,
-            unplugged_nic: nic,
-            restore: None,
-            template_out: Some(work.clone()),
+        let host = crate::launch::Host {
+            vmm: crate::hypervisor::VmmKind::Qemu,
+            accel: r.accel.clone(),
         };
-        let spec_path = work.join(vm_files::SPEC);
-        std::fs::write(
-            &spec_path,
-            serde_json::to_vec_pretty(&spec).unwrap_or_default(),
-        )
-        .map_err(io_err(format!("writing {}", spec_path.display())))?;
+        let mut spec = crate::launch::machine(
+            TEMPLATE_HOSTNAME,
+            r.config,
+            (r.kernel, r.initrd),
+            (disk, crate::disk::DiskFormat::Qcow2),
+            &host,
+            (r.db_path, r.state_dir),
+        );
+        // The template's network device has nothing behind it (a backend such as slirp
+        // would save state of its own that a VM on a TAP cannot load); each VM made from
+        // it gets its own backend and address when it resumes.
+        spec.unplugged_nic = nic;
+        spec.ready_timeout_secs = r.ready_timeout_secs;
+        spec.template_out = Some(work.clone());
         let lock = crate::supervisor::try_lock(&work)?.ok_or_else(|| {
             Error::Snapshot(format!("{} is locked by another process", work.display()))
         })?;
-        let deadline = Instant::now() + Duration::from_secs(r.ready_timeout_secs + 30);
-        launch(&work, lock, deadline).map_err(|e| {
-            let why = match e {
-                LaunchError::Failed(reason) => reason,
-                LaunchError::TimedOut => "timed out".into(),
-                LaunchError::Vanished(tail) => format!("its supervisor exited: {tail}"),
-                LaunchError::Spawn(e) => e.to_string(),
-            };
+        crate::launch::start(&work, &spec, lock, Instant::now()).map_err(|e| {
             Error::Snapshot(format!(
-                "building the template of image {:?} failed: {why}",
-                r.config.image
+                "building the template of image {:?} failed: {}",
+                r.config.image,
+                e.reason()
             ))
         })?;
         let meta = SavedState {

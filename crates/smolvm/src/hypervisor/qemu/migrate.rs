@@ -1,14 +1,14 @@
-//! Saving and resuming a VM's state through QEMU's monitor: the migration stream written to
+//! Saving and loading a VM's state through QEMU's monitor: the migration stream written to
 //! a file (`migrate file:PATH`) and read back by a new QEMU started with `-incoming`
-//! (DESIGN.md §4). Every wait is bounded.
+//! (DESIGN.md §4). Every wait is bounded. Used only by [`super::QemuVmm`].
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
 
+use super::qmp::Qmp;
 use crate::error::{io_err, Error, Result};
-use crate::hypervisor::qmp::Qmp;
 
 /// Longest a save or a load of the state may take.
 const TRANSFER_LIMIT: Duration = Duration::from_secs(120);
@@ -101,25 +101,4 @@ async fn wait_migration(qmp: &mut Qmp, what: &str) -> Result<()> {
         }
         tokio::time::sleep(POLL).await;
     }
-}
-
-/// Copies a disk image (sparse where the file system allows), for a snapshot of a VM that
-/// goes on running.
-pub async fn copy_disk(from: &Path, to: &Path) -> Result<()> {
-    let out = tokio::process::Command::new("cp")
-        .arg("--sparse=always")
-        .arg("--reflink=auto")
-        .arg(from)
-        .arg(to)
-        .output()
-        .await
-        .map_err(io_err("running cp"))?;
-    if !out.status.success() {
-        return Err(Error::Snapshot(format!(
-            "copying the disk {} failed: {}",
-            from.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
 }

@@ -1,8 +1,13 @@
-//! The QEMU `microvm` backend (Debian's `qemu-system-x86`).
+//! The QEMU `microvm` backend (Debian's `qemu-system-x86`): its command line here, the
+//! running machine in `machine` (QMP in `qmp`, saving and loading state in `migrate`).
 
-use std::process::Command;
+mod machine;
+mod migrate;
+mod qmp;
 
-use super::{Accelerator, Backend, Endpoints, LaunchSpec};
+pub use machine::QemuVmm;
+
+use super::{Accelerator, Endpoints, LaunchSpec};
 use crate::config::NetworkMode;
 use crate::error::{Error, Result};
 
@@ -100,7 +105,7 @@ impl QemuMicrovm {
     /// Under KVM the guest finds kvm-clock itself: nothing to add.
     pub fn clock_args(accel: Accelerator, tsc_khz: Option<u64>) -> String {
         match (accel, tsc_khz) {
-            (Accelerator::Kvm, _) => String::new(),
+            (Accelerator::Kvm | Accelerator::None, _) => String::new(),
             (Accelerator::Tcg, Some(khz)) => format!("tsc=reliable tsc_early_khz={khz}"),
             (Accelerator::Tcg, None) => "tsc=reliable".to_owned(),
         }
@@ -130,7 +135,7 @@ impl QemuMicrovm {
                 push("-cpu");
                 push("host");
             }
-            Accelerator::Tcg => {
+            Accelerator::Tcg | Accelerator::None => {
                 push("-accel");
                 push(if spec.vcpus > 1 {
                     "tcg,thread=multi"
@@ -261,18 +266,6 @@ impl QemuMicrovm {
     }
 }
 
-impl Backend for QemuMicrovm {
-    fn name(&self) -> &'static str {
-        "qemu-microvm"
-    }
-
-    fn command(&self, spec: &LaunchSpec, endpoints: &Endpoints) -> Result<Command> {
-        let mut cmd = Command::new(Self::binary()?);
-        cmd.args(Self::args(spec, endpoints));
-        Ok(cmd)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +276,8 @@ mod tests {
             agent: "/a".into(),
             console: "/c".into(),
             control: "/q".into(),
+            console_log: "/c.log".into(),
+            log: "/s.log".into(),
         }
     }
 
@@ -298,6 +293,7 @@ mod tests {
             extra_boot_args: None,
             guest_net: None,
             network: NetworkMode::None,
+            vmm: crate::hypervisor::VmmKind::Qemu,
             accelerator: accel,
             tsc_khz: Some(2_596_132),
             db_path: PathBuf::from("/db"),
