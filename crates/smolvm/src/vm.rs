@@ -19,7 +19,7 @@ use crate::config::{
 use crate::disk::{self, OVERLAY_NAME};
 use crate::error::{Error, Result};
 use crate::exec::{ExecOptions, ExecOutput};
-use crate::hypervisor::Accelerator;
+use crate::hypervisor::{Accelerator, LaunchSpec};
 use crate::paths::{create_private_dir, Paths};
 use crate::store::{Owner, Store, VmRecord, VmState};
 use crate::supervisor::files;
@@ -397,11 +397,17 @@ impl Vm {
             // VM boots cold instead.
             Err(StartError::Template(point, reason)) => {
                 tracing::warn!(id = %self.id, %reason, "the template did not resume; booting cold");
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while crate::supervisor::is_running(&self.dir) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                // The VM's lock is held while its disk is put back (once the failed
+                // supervisor let go of it), so `gc` takes the `qemu-img` doing it for no
+                // stray.
+                let held = crate::supervisor::lock_within(&self.dir, TEMPLATE_SUPERVISOR_EXIT)?
+                    .ok_or_else(|| Error::BadState {
+                        id: self.id.clone(),
+                        state: "starting".into(),
+                        hint: "the supervisor of its failed resume did not exit; try again".into(),
+                    })?;
                 self.abandon_template(&point)?;
+                drop(held);
                 self.start_from(false).map_err(StartError::into_error)
             }
         }
@@ -467,39 +473,7 @@ impl Vm {
         } else {
             None
         };
-        let disk_format = disk::detect_format(&disk_path)?;
-        let mut spec = crate::launch::machine(
-            &self.id,
-            &rec.config,
-            (&boot.kernel, &boot.initrd),
-            (disk_path, disk_format),
-            &host,
-            (&self.rt.paths().db_path(), &self.rt.paths().state_dir),
-        );
-        spec.network = rec.config.network;
-        spec.lock_disk = !(boot.shareable && rec.config.disk_mode == DiskMode::Shared);
-        spec.guest_net = match (&nat, rec.config.network) {
-            (Some(n), _) => Some(smolvm_protocol::boot::GuestNet {
-                addr: n.addr,
-                prefix: 32,
-                gateway: crate::network::GATEWAY,
-                dns: n.dns.clone(),
-                mtu: crate::network::GUEST_MTU,
-            }),
-            // QEMU's slirp: fixed addresses, the same in every VM.
-            (None, NetworkMode::User) => Some(smolvm_protocol::boot::GuestNet::user_mode()),
-            _ => None,
-        };
-        spec.restrict_user_net = rec.config.network == NetworkMode::User
-            && rec.config.egress == crate::config::EgressDefault::Deny;
-        spec.unplugged_nic = point.as_ref().is_some_and(|p| p.saved.meta.nic)
-            && rec.config.network == NetworkMode::None;
-        spec.restore = point.as_ref().map(|p| crate::hypervisor::RestoreFrom {
-            memory: p.saved.memory(),
-            cmdline: p.saved.meta.cmdline.clone(),
-            ram: p.saved.ram(),
-        });
-        spec.nat = nat;
+        let spec = self.launch_spec(&rec, &boot, disk_path, &host, point.as_ref(), nat)?;
         let restored_from = point.as_ref().map(|p| p.base.clone());
         if let Some(net) = &spec.guest_net {
             self.rt
@@ -556,6 +530,52 @@ impl Vm {
                 .into())
             }
         }
+    }
+
+    /// The launch spec of this VM: its machine, network, and the saved state it resumes.
+    fn launch_spec(
+        &self,
+        rec: &VmRecord,
+        boot: &BootFiles,
+        disk_path: PathBuf,
+        host: &crate::launch::Host,
+        point: Option<&crate::snapshot::ops::ResumePoint>,
+        nat: Option<crate::network::NatPlan>,
+    ) -> Result<LaunchSpec> {
+        let disk_format = disk::detect_format(&disk_path)?;
+        let mut spec = crate::launch::machine(
+            &self.id,
+            &rec.config,
+            (&boot.kernel, &boot.initrd),
+            (disk_path, disk_format),
+            host,
+            (&self.rt.paths().db_path(), &self.rt.paths().state_dir),
+        );
+        spec.network = rec.config.network;
+        spec.lock_disk = !(boot.shareable && rec.config.disk_mode == DiskMode::Shared);
+        spec.guest_net = match (&nat, rec.config.network) {
+            (Some(n), _) => Some(smolvm_protocol::boot::GuestNet {
+                addr: n.addr,
+                prefix: 32,
+                gateway: crate::network::GATEWAY,
+                dns: n.dns.clone(),
+                mtu: crate::network::GUEST_MTU,
+            }),
+            // QEMU's slirp: fixed addresses, the same in every VM.
+            (None, NetworkMode::User) => Some(smolvm_protocol::boot::GuestNet::user_mode()),
+            _ => None,
+        };
+        spec.restrict_user_net = rec.config.network == NetworkMode::User
+            && rec.config.egress == crate::config::EgressDefault::Deny;
+        spec.unplugged_nic = point.is_some_and(|p| p.saved.meta.nic)
+            && rec.config.network == NetworkMode::None;
+        spec.restore = point.map(|p| crate::hypervisor::RestoreFrom {
+            memory: p.saved.memory(),
+            cmdline: p.saved.meta.cmdline.clone(),
+            ram: p.saved.ram(),
+        });
+        spec.nat = nat;
+        Ok(spec)
     }
 
     pub(crate) fn require_running(&self) -> Result<()> {
@@ -813,6 +833,9 @@ impl Vm {
 }
 
 pub(crate) use crate::launch::ready_timeout_secs;
+
+/// Longest the supervisor of a template that did not resume may take to exit.
+const TEMPLATE_SUPERVISOR_EXIT: Duration = Duration::from_secs(5);
 
 /// Why a start failed: plainly, or because its template did not resume (then the caller
 /// boots cold).
