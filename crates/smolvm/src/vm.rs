@@ -567,8 +567,8 @@ impl Vm {
         };
         spec.restrict_user_net = rec.config.network == NetworkMode::User
             && rec.config.egress == crate::config::EgressDefault::Deny;
-        spec.unplugged_nic = point.is_some_and(|p| p.saved.meta.nic)
-            && rec.config.network == NetworkMode::None;
+        spec.unplugged_nic =
+            point.is_some_and(|p| p.saved.meta.nic) && rec.config.network == NetworkMode::None;
         spec.restore = point.map(|p| crate::hypervisor::RestoreFrom {
             memory: p.saved.memory(),
             cmdline: p.saved.meta.cmdline.clone(),

@@ -121,6 +121,7 @@ pub async fn handle(stream: UnixStream, shared: Arc<Shared>) {
             let r = match shared
                 .forwards
                 .expose(guest_port, host_port, bind.as_deref())
+                .await
             {
                 Ok(info) => ApiReply::Forward(info),
                 Err(e) => ApiReply::Error(reason(e)),

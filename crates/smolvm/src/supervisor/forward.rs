@@ -66,7 +66,7 @@ struct Active {
 pub struct Forwards {
     vm_id: String,
     link: AgentLink,
-    store: Mutex<Store>,
+    store: Arc<Mutex<Store>>,
     active: Mutex<BTreeMap<(IpAddr, u16), Active>>,
     total: Arc<Semaphore>,
 }
@@ -77,7 +77,7 @@ impl Forwards {
         Forwards {
             vm_id: vm_id.to_string(),
             link,
-            store: Mutex::new(store),
+            store: Arc::new(Mutex::new(store)),
             active: Mutex::new(BTreeMap::new()),
             total: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         }
@@ -85,6 +85,26 @@ impl Forwards {
 
     fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the store in tokio's blocking pool: a SQLite call can wait up to its busy
+    /// timeout, and the thread it would block relays every request of the VM.
+    async fn db<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store, &str) -> Result<T> + Send + 'static,
+    {
+        let store = self.store.clone();
+        let id = self.vm_id.clone();
+        tokio::task::spawn_blocking(move || {
+            let s = store.lock().unwrap_or_else(|p| p.into_inner());
+            f(&s, &id)
+        })
+        .await
+        .map_err(|e| Error::Io {
+            context: "a state database call of the port forwards".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
     }
 
     fn active(&self) -> MutexGuard<'_, BTreeMap<(IpAddr, u16), Active>> {
@@ -126,7 +146,7 @@ impl Forwards {
     /// Forwards a host port (`None` or 0: a free one) on `bind` (`None`: 127.0.0.1) to
     /// `guest_port`, records it, and returns it with the real host port. Exposing what is
     /// already forwarded returns the existing forward.
-    pub fn expose(
+    pub async fn expose(
         &self,
         guest_port: u16,
         host_port: Option<u16>,
@@ -173,7 +193,7 @@ impl Forwards {
         };
         // Recorded already (it could not be re-established at start, its port then taken):
         // serve it again; otherwise record it.
-        let recorded = self.store().forwards(&self.vm_id)?;
+        let recorded = self.db(|s, id| s.forwards(id)).await?;
         match recorded
             .iter()
             .find(|f| f.host_addr == info.host_addr && f.host_port == port)
@@ -189,7 +209,10 @@ impl Forwards {
                     self.vm_id
                 )))
             }
-            None => self.store().add_forward(&self.vm_id, &info)?,
+            None => {
+                let row = info.clone();
+                self.db(move |s, id| s.add_forward(id, &row)).await?
+            }
         }
         if !addr.is_loopback() {
             tracing::warn!(
@@ -217,7 +240,9 @@ impl Forwards {
         for a in removed {
             a.task.stop().await;
         }
-        let removed_rows = self.store().remove_forwards(&self.vm_id, host_port)?;
+        let removed_rows = self
+            .db(move |s, id| s.remove_forwards(id, host_port))
+            .await?;
         if removed_live == 0 && removed_rows == 0 {
             return Err(Error::Forward(format!(
                 "VM {} has no forward on host port {host_port} (see `smolvm port {}`)",
