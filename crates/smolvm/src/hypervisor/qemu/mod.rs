@@ -114,6 +114,17 @@ impl QemuMicrovm {
     /// The full argument list (without the program).
     pub fn args(spec: &LaunchSpec, ep: &Endpoints) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
+        Self::machine_and_accel(&mut a, spec);
+        Self::memory(&mut a, spec);
+        Self::kernel_and_sockets(&mut a, spec, ep);
+        Self::devices(&mut a, ep);
+        Self::network(&mut a, spec);
+        Self::incoming(&mut a, spec);
+        a
+    }
+
+    /// The machine type, its firmware, the accelerator and the CPU model.
+    fn machine_and_accel(a: &mut Vec<String>, spec: &LaunchSpec) {
         let mut push = |s: &str| a.push(s.to_string());
         push("-M");
         match firmware() {
@@ -146,6 +157,11 @@ impl QemuMicrovm {
                 push("max");
             }
         }
+    }
+
+    /// Guest RAM, and what backs it.
+    fn memory(a: &mut Vec<String>, spec: &LaunchSpec) {
+        let mut push = |s: &str| a.push(s.to_string());
         push("-m");
         push(&spec.mem_mib.to_string());
         // Guest RAM is an object named `ram` in every VM, so a state saved by one loads in
@@ -169,6 +185,11 @@ impl QemuMicrovm {
             ),
             (None, None) => format!("memory-backend-ram,id=ram,size={}M", spec.mem_mib),
         });
+    }
+
+    /// vCPUs, the kernel, its command line, the console and the monitor, the root disk.
+    fn kernel_and_sockets(a: &mut Vec<String>, spec: &LaunchSpec, ep: &Endpoints) {
+        let mut push = |s: &str| a.push(s.to_string());
         push("-smp");
         push(&spec.vcpus.to_string());
         for s in [
@@ -206,6 +227,11 @@ impl QemuMicrovm {
                 ",file.locking=off"
             }
         ));
+    }
+
+    /// The virtio devices every VM has: block, the agent port, rng, the balloon.
+    fn devices(a: &mut Vec<String>, ep: &Endpoints) {
+        let mut push = |s: &str| a.push(s.to_string());
         push("-device");
         push("virtio-blk-device,drive=root");
         push("-device");
@@ -226,6 +252,11 @@ impl QemuMicrovm {
         // back to the host. No balloon is ever inflated.
         push("-device");
         push("virtio-balloon-device,free-page-reporting=on");
+    }
+
+    /// The network device and what is behind it.
+    fn network(a: &mut Vec<String>, spec: &LaunchSpec) {
+        let mut push = |s: &str| a.push(s.to_string());
         match (spec.network, &spec.nat) {
             (NetworkMode::User, _) => {
                 push("-netdev");
@@ -253,6 +284,11 @@ impl QemuMicrovm {
             }
             _ => {}
         }
+    }
+
+    /// Where a restored VM loads its state from.
+    fn incoming(a: &mut Vec<String>, spec: &LaunchSpec) {
+        let mut push = |s: &str| a.push(s.to_string());
         if let Some(r) = &spec.restore {
             push("-incoming");
             if r.ram.is_some() {
@@ -262,7 +298,6 @@ impl QemuMicrovm {
                 push(&format!("file:{}", r.memory.display()));
             }
         }
-        a
     }
 }
 
