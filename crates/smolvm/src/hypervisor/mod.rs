@@ -402,3 +402,63 @@ impl MonitorProcess {
         self.exit_signal().wait().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_monitor_is_named_or_refused_naming_what_is_allowed() {
+        assert_eq!("qemu".parse::<VmmKind>().unwrap(), VmmKind::Qemu);
+        assert_eq!("fake".parse::<VmmKind>().unwrap(), VmmKind::Fake);
+        let e = "firecracker".parse::<VmmKind>().unwrap_err().to_string();
+        assert!(
+            e.contains("SMOLVM_VMM") && e.contains("firecracker") && e.contains("qemu"),
+            "{e}"
+        );
+        assert!(VmmKind::Qemu.can_save() && !VmmKind::Fake.can_save());
+    }
+
+    #[tokio::test]
+    async fn a_monitor_process_is_watched_signalled_and_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args([
+            "-c",
+            "trap 'echo got TERM; exit 7' TERM; echo started; while :; do sleep 0.05; done",
+        ]);
+        let p = MonitorProcess::spawn(cmd, &log, "the test monitor").unwrap();
+        assert!(p.pid() > 0);
+        assert!(p.exit_signal().ended().is_none());
+        assert!(!p.ended_within(std::time::Duration::from_millis(100)).await);
+        // The trap is set once it says so.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while log_tail(&log, 1) != "started" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the monitor never started"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        p.signal(libc::SIGTERM);
+        let how = p.exit_signal().wait().await;
+        assert_eq!(how, "the test monitor exited with code 7");
+        assert_eq!(log_tail(&log, 6), "started | got TERM");
+        // Signals after the end reach nothing; kill returns at once.
+        p.kill().await;
+    }
+
+    #[tokio::test]
+    async fn a_killed_monitor_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("600");
+        let p = MonitorProcess::spawn(cmd, &dir.path().join("log"), "sleep").unwrap();
+        p.kill().await;
+        assert_eq!(
+            p.exit_signal().ended().as_deref(),
+            Some("sleep was killed by signal 9")
+        );
+    }
+}
