@@ -421,3 +421,24 @@ fn a_network_is_refused_by_the_fake_naming_what_to_use() {
     }
     assert!(lane.rt.list().unwrap().is_empty(), "nothing was created");
 }
+
+#[test]
+fn an_ephemeral_vm_goes_with_its_owner() {
+    let lane = Lane::new();
+    let vm = lane.rt.create(lane.named("owned")).unwrap();
+    // The owner: a process of ours that we can end.
+    let mut owner = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    vm.set_owner(smolvm::Owner::of(owner.id())).unwrap();
+    vm.start().unwrap();
+    assert_eq!(sh(&vm, "echo owned").stdout_text(), "owned\n");
+    let dir = vm.dir().to_path_buf();
+    owner.kill().unwrap();
+    owner.wait().unwrap();
+    poll_until(Duration::from_secs(20), "the VM to be deleted", || {
+        matches!(lane.rt.get("owned"), Err(Error::VmNotFound(_)))
+    });
+    lane.assert_gone("owned", &dir);
+}
