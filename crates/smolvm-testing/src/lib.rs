@@ -15,12 +15,14 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// Waits until `cond` holds, looking every 20 ms; panics naming `what` when it still does
 /// not hold after `within`. Returns how long it took (for a test to log, not to assert on).
+#[track_caller]
 pub fn poll_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
     poll_for(within, what, || cond().then_some(())).1
 }
 
 /// Waits until `probe` returns a value and returns it, with how long that took; panics
 /// naming `what` when it has returned nothing after `within`.
+#[track_caller]
 pub fn poll_for<T>(
     within: Duration,
     what: &str,
@@ -53,6 +55,31 @@ pub async fn poll_until_async(
             panic!("timed out after {within:?} waiting for {what}");
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Runs `f` on a thread of its own and returns its result; panics naming `what` when it
+/// has not finished after `within` (the thread is left behind). For "this call returns
+/// rather than hangs": give a deadline well short of what a hang would take (a command
+/// that sleeps 600 s, a timeout of 120 s), so the test checks the property, not the speed.
+#[track_caller]
+pub fn finishes_within<T: Send + 'static>(
+    within: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(within) {
+        Ok(value) => value,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what} still had not finished after {within:?}")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("{what} panicked (see above)")
+        }
     }
 }
 
@@ -122,6 +149,7 @@ pub fn processes_in_group(pgid: u32) -> Vec<u32> {
 }
 
 /// Asserts that no live process mentions `needle` on its command line; `what` names them.
+#[track_caller]
 pub fn assert_no_process_mentions(needle: impl AsRef<Path>, what: &str) {
     let left = processes_mentioning(&needle);
     assert!(left.is_empty(), "{what} left running: {}", describe(&left));
@@ -177,6 +205,7 @@ pub fn short_tempdir() -> tempfile::TempDir {
 
 /// Fails the test unless `tool` is on `PATH`; `how` says where it comes from (e.g. "the
 /// `cpio` package, which scripts/install-deps installs").
+#[track_caller]
 pub fn require_tool(tool: &str, how: &str) {
     let found = std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
@@ -196,6 +225,7 @@ pub fn is_root() -> bool {
 }
 
 /// Fails the test unless it runs as root; `why` says what root is needed for.
+#[track_caller]
 pub fn require_root(why: &str) {
     assert!(
         is_root(),
@@ -203,20 +233,20 @@ pub fn require_root(why: &str) {
     );
 }
 
-/// The network interfaces of this process's namespace.
+/// The network interfaces of this process's namespace (from `/proc/self/net/dev`: under
+/// `unshare --net` alone, `/sys` still shows the host's, as it was mounted there).
 pub fn links() -> Vec<String> {
-    std::fs::read_dir("/sys/class/net")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
+    std::fs::read_to_string("/proc/self/net/dev")
         .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(n, _)| n.trim().to_string()))
+        .collect()
 }
 
 /// Fails the test unless it runs as root in a network namespace of its own: one whose only
 /// interfaces are loopback and those whose names start with one of `ours` (what tests make
 /// there). Tests that create TAPs, routes or nft rules must never touch the host's network.
+#[track_caller]
 pub fn require_private_netns(ours: &[&str]) {
     const HOW: &str = "run them as root in a fresh network namespace, as scripts/test does: \
                        unshare --net sh -c 'ip link set lo up && cargo test ...'";
@@ -250,6 +280,20 @@ mod tests {
     #[should_panic(expected = "timed out after 50ms waiting for the impossible")]
     fn poll_until_names_what_it_waited_for() {
         poll_until(Duration::from_millis(50), "the impossible", || false);
+    }
+
+    #[test]
+    fn finishes_within_returns_the_result_or_names_the_hang() {
+        assert_eq!(
+            finishes_within(Duration::from_secs(30), "a sum", || 2 + 2),
+            4
+        );
+        let hang = std::panic::catch_unwind(|| {
+            finishes_within(Duration::from_millis(20), "a long sleep", || {
+                std::thread::sleep(Duration::from_secs(5))
+            })
+        });
+        assert!(hang.is_err());
     }
 
     #[test]
