@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use futures::SinkExt;
 use serde_bytes::ByteBuf;
 use smolvm_protocol::{encode, EnvUpdate, GuestMessage, HostMessage, MAX_CHUNK, PROTOCOL_VERSION};
@@ -240,15 +238,14 @@ async fn timeout_kills_the_whole_process_group() {
     let client = agent.connect().await;
     let mut req = shell("sleep 600 & sleep 600");
     req.timeout_ms = Some(300);
-    let start = Instant::now();
+    // The command runs 600 s: the exec comes back (within the client's patience) only
+    // because the timeout ended it.
     let out = client.exec(req).await;
-    let took = start.elapsed();
     let exit = out.exit();
     assert!(exit.timed_out);
     assert_eq!(exit.signal, Some(9));
-    assert!(took < Duration::from_secs(3), "took {took:?}");
     let pgid = out.pid.unwrap();
-    wait_group_gone(pgid, Duration::from_secs(2)).await;
+    wait_group_gone(pgid, PATIENCE).await;
 }
 
 #[tokio::test]
@@ -278,18 +275,22 @@ async fn output_is_raw_bytes() {
 async fn concurrent_execs_run_in_parallel() {
     let agent = Agent::start().await;
     let client = agent.connect().await;
-    let start = Instant::now();
-    let runs = (0..4).map(|i| client.exec(shell(&format!("sleep 0.5; echo {i}"))));
+    // Each run waits (up to 20 s) until all four have started: run one after another, the
+    // first would wait alone and fail.
+    let barrier = tempfile::tempdir().unwrap();
+    let dir = barrier.path().display();
+    let runs = (0..4).map(|i| {
+        client.exec(shell(&format!(
+            "touch {dir}/{i}; n=0; while [ $(ls {dir} | wc -l) -lt 4 ]; do \
+               n=$((n+1)); [ $n -gt 400 ] && {{ echo alone; exit 1; }}; sleep 0.05; done; \
+             echo {i}"
+        )))
+    });
     let outs = futures::future::join_all(runs).await;
-    let took = start.elapsed();
     for (i, out) in outs.iter().enumerate() {
-        assert_eq!(out.stdout_str(), format!("{i}\n"));
+        assert_eq!(out.stdout_str(), format!("{i}\n"), "not concurrent");
         assert_eq!(out.exit().code, Some(0));
     }
-    assert!(
-        took < Duration::from_millis(1900),
-        "took {took:?}: not concurrent"
-    );
 }
 
 #[tokio::test]
@@ -304,7 +305,7 @@ async fn closing_the_stream_kills_the_process() {
     };
     assert!(!live_group_members(pid).is_empty());
     drop(r);
-    wait_group_gone(pid, Duration::from_secs(3)).await;
+    wait_group_gone(pid, PATIENCE).await;
 }
 
 #[tokio::test]
@@ -317,7 +318,7 @@ async fn dropping_the_session_kills_running_processes() {
         panic!("expected Started");
     };
     drop(client);
-    wait_group_gone(pid, Duration::from_secs(3)).await;
+    wait_group_gone(pid, PATIENCE).await;
     // The agent accepts the next session.
     let client = agent.connect().await;
     assert!(matches!(client.handshake().await, GuestMessage::Hello(_)));
@@ -343,12 +344,11 @@ async fn signals_reach_the_process_group() {
 async fn background_process_holding_the_pipe_does_not_hang_the_exec() {
     let agent = Agent::start().await;
     let client = agent.connect().await;
-    let start = Instant::now();
-    let out = client.exec(shell("sleep 5 & echo done")).await;
-    let took = start.elapsed();
+    // The background job holds stdout for 600 s: the exec comes back (within the client's
+    // patience) only if the agent does not wait for the pipe to close.
+    let out = client.exec(shell("sleep 600 & echo done")).await;
     assert_eq!(out.stdout_str(), "done\n");
     assert_eq!(out.exit().code, Some(0));
-    assert!(took < Duration::from_secs(2), "took {took:?}");
     // The background process was left running (that is allowed); clean it up.
     let pgid = out.pid.unwrap();
     assert!(!live_group_members(pgid).is_empty());
@@ -633,10 +633,10 @@ async fn shutdown_answers_ok_and_the_server_exits() {
     r.send(&HostMessage::Shutdown).await;
     assert_eq!(r.recv().await, Some(GuestMessage::Ok));
     assert_eq!(r.recv().await, None, "the stream ends after Ok");
-    let status = agent.wait_exit(Duration::from_secs(10)).await;
+    let status = agent.wait_exit(PATIENCE).await;
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert!(!agent.socket.exists(), "the socket is removed");
-    wait_group_gone(pid, Duration::from_secs(3)).await;
+    wait_group_gone(pid, PATIENCE).await;
 }
 
 #[tokio::test]

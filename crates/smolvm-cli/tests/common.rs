@@ -1,12 +1,20 @@
 //! Shared set-up for the VM tests: a private state directory, the CLI binary as the
 //! supervisor host, and one booted VM shared by the tests that only run commands in it.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use smolvm::{Paths, Runtime, Vm, VmConfig};
+pub use smolvm_testing::{
+    assert_no_process_mentions, poll_for, poll_until, processes_mentioning, serial,
+};
+
+/// `n` seconds.
+pub fn secs(n: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(n)
+}
 
 /// The smolvm binary under test.
 pub fn bin() -> PathBuf {
@@ -24,7 +32,7 @@ pub fn state_dir() -> &'static PathBuf {
         if let Some(d) = std::env::var_os(INHERIT_STATE) {
             return PathBuf::from(d);
         }
-        let d = PathBuf::from(format!("/tmp/smolvm-test-{}", std::process::id()));
+        let d = std::env::temp_dir().join(format!("smolvm-test-{}", std::process::id()));
         std::fs::create_dir_all(&d).expect("create test state dir");
         // SAFETY: registering a plain extern "C" function; it removes the shared VM (if
         // any) and this directory when the test process exits.
@@ -37,7 +45,9 @@ pub fn state_dir() -> &'static PathBuf {
 
 /// A runtime on the private state directory, using the shared image store.
 pub fn runtime() -> Runtime {
-    std::env::set_var("SMOLVM_BIN", bin());
+    // Once, and not through the environment: `set_var` races with threads spawning processes.
+    static BIN: std::sync::Once = std::sync::Once::new();
+    BIN.call_once(|| smolvm::supervisor::set_supervisor_binary(bin()));
     let paths = Paths {
         state_dir: state_dir().clone(),
         images_dir: Paths::from_env().images_dir,
@@ -102,51 +112,15 @@ pub fn cli(args: &[&str]) -> std::process::Output {
         .expect("run smolvm")
 }
 
-/// Pids of processes whose command line mentions `dir` (a VM's supervisor and QEMU).
-pub fn processes_of(dir: &std::path::Path) -> Vec<u32> {
-    let needle = dir.display().to_string();
-    let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
-        .filter(|&pid| pid != me)
-        .filter(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            String::from_utf8_lossy(&cmd).contains(&needle)
-        })
-        .filter(|pid| {
-            // Zombies are gone for every purpose but their parent's bookkeeping.
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .collect()
-}
-
 /// Asserts that nothing of the VM `id` (directory `dir`) is left: no process, no
 /// directory (sockets, overlay), no row.
 pub fn assert_gone(id: &str, dir: &std::path::Path) {
-    let procs = processes_of(dir);
-    assert!(procs.is_empty(), "processes of {id} left: {procs:?}");
+    assert_no_process_mentions(dir, &format!("processes of {id}"));
     assert!(!dir.exists(), "directory of {id} left: {}", dir.display());
     assert!(
         matches!(runtime().get(id), Err(smolvm::Error::VmNotFound(_))),
         "row of {id} left"
     );
-}
-
-/// Waits up to `secs` for `cond`.
-pub fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 static SHARED: OnceLock<Vm> = OnceLock::new();

@@ -7,17 +7,13 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use common::{assert_gone, runtime, sh, small};
+use common::{assert_gone, runtime, serial, sh, small};
 use smolvm::{Vm, VmState};
 
 const CHILD: &str = "SMOLVM_TEST_CHILD";
 
-/// One burst of eight VMs at a time: two bursts at once would only measure the host.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+// One burst of eight VMs at a time (`serial()`): two bursts at once would only measure
+// the host.
 
 /// Checks the VMs are distinct and all answer as themselves, then deletes them.
 fn check_and_delete(vms: Vec<Vm>) {

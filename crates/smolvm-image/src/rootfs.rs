@@ -285,9 +285,8 @@ mod tests {
 
     #[test]
     fn small_directory_becomes_an_ext4_image() {
-        if tools::find(MKFS_EXT4).is_err() {
-            eprintln!("skipped: mkfs.ext4 not installed");
-            return;
+        if let Err(e) = tools::find(MKFS_EXT4) {
+            panic!("this test needs mkfs.ext4 (e2fsprogs; run scripts/install-deps): {e}");
         }
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("dir");

@@ -971,6 +971,14 @@ fn verify(image: &Path, files: &[GuestFile]) -> Result<(), ImageError> {
 mod tests {
     use super::*;
 
+    /// Fails the test when ssh-keygen is missing (it comes with openssh-client, which
+    /// scripts/install-deps installs).
+    fn require_ssh_keygen() {
+        if let Err(e) = tools::find(SSH_KEYGEN) {
+            panic!("this test needs ssh-keygen (openssh-client; run scripts/install-deps): {e}");
+        }
+    }
+
     const ED25519: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFd4pUpYtFzs2D2xMkdoQ8bp6cxxwXYCBGFULVgmyrpP";
 
@@ -996,10 +1004,7 @@ mod tests {
 
     #[test]
     fn generated_keys_of_every_kind_are_accepted() {
-        if tools::find(SSH_KEYGEN).is_err() {
-            eprintln!("skipped: ssh-keygen not installed");
-            return;
-        }
+        require_ssh_keygen();
         let tmp = tempfile::tempdir().unwrap();
         for (kind, bits) in [
             ("ed25519", None),
@@ -1090,10 +1095,7 @@ mod tests {
 
     #[test]
     fn ensure_ssh_key_generates_once_even_when_raced() {
-        if tools::find(SSH_KEYGEN).is_err() {
-            eprintln!("skipped: ssh-keygen not installed");
-            return;
-        }
+        require_ssh_keygen();
         use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("a/keys");

@@ -1,8 +1,10 @@
 //! End-to-end image build: downloads the kernel, runs mmdebstrap and mkfs.ext4.
 //!
-//! Takes about a minute and needs root and the Debian mirror, so it only runs with
-//! `SMOLVM_IMAGE_TEST=1`. `SMOLVM_IMAGE_TEST_AGENT` picks the agent binary to install
-//! (default: `/bin/true`, enough to check the pipeline; the image will not boot with it).
+//! Takes about a minute and needs root and the Debian mirror, so a plain `cargo test` skips it
+//! (`#[ignore]`); scripts/test runs it, before the tests that run offline:
+//! `cargo test -p smolvm-image --test full_build -- --ignored`. `SMOLVM_IMAGE_TEST_AGENT`
+//! picks the agent binary to install (default: `/bin/true`, enough to check the pipeline;
+//! the image will not boot with it).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -11,11 +13,9 @@ use std::time::Instant;
 use smolvm_image::{BuildOptions, ImageError};
 
 #[test]
+#[ignore = "needs root and the Debian mirror (about a minute): scripts/test runs it; by hand, \
+            cargo test -p smolvm-image --test full_build -- --ignored"]
 fn full_build_then_up_to_date_then_remove() {
-    if std::env::var("SMOLVM_IMAGE_TEST").as_deref() != Ok("1") {
-        eprintln!("skipped: set SMOLVM_IMAGE_TEST=1 to run the full image build (needs root and the Debian mirror)");
-        return;
-    }
     let agent = std::env::var_os("SMOLVM_IMAGE_TEST_AGENT")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/bin/true"));
@@ -68,8 +68,7 @@ fn full_build_then_up_to_date_then_remove() {
     let again = smolvm_image::build(&opts).unwrap();
     let noop = start.elapsed().as_secs_f64();
     eprintln!("up-to-date check: {noop:.2}s");
-    assert_eq!(again.manifest.created, image.manifest.created);
-    assert!(noop < 10.0);
+    assert_eq!(again.manifest.created, image.manifest.created, "rebuilt");
 
     let names: Vec<String> = smolvm_image::list(&images)
         .unwrap()

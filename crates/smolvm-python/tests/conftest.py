@@ -6,11 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
-STATE = f"/tmp/smolvm-py-{os.getpid()}"
+STATE = os.path.join(tempfile.gettempdir(), f"smolvm-py-{os.getpid()}")
 os.environ["SMOLVM_HOME"] = STATE
 os.makedirs(STATE, exist_ok=True)
 
@@ -21,19 +22,49 @@ from smolvm import _native  # noqa: E402
 SMALL = dict(vcpu_count=1, mem_size_mib=256)
 
 
+# The Python counterparts of the `smolvm-testing` crate's helpers (one conftest for the
+# whole suite): `processes_of` (its `processes_mentioning`), `wait_for` (`poll_until`, which
+# returns the last value for the caller to assert on) and `require_private_netns`.
+
+
 def processes_of(state_dir: str):
-    """Pids whose command line mentions the state directory (supervisors, QEMUs)."""
+    """Live pids whose command line mentions the state directory (supervisors, QEMUs)."""
     out = []
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+        if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if state_dir.encode() in f.read():
-                    out.append(int(pid))
-        except OSError:
-            pass
+                named = state_dir.encode() in f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+        except (OSError, IndexError):
+            continue
+        if named and not zombie:
+            out.append(int(pid))
     return out
+
+
+def require_private_netns(ours=("smv", "nt")):
+    """Fails the calling test unless it runs as root in a network namespace of its own (only
+    loopback and interfaces named ``ours*``): tests that make TAPs or nft rules must never
+    touch the host's network."""
+    how = (
+        "run them as root in a fresh network namespace, as scripts/test does: "
+        "unshare --net sh -c 'ip link set lo up && .venv/bin/python -m pytest ...'"
+    )
+    if os.geteuid() != 0:
+        pytest.fail(f"these tests need root: {how}", pytrace=False)
+    # /proc/self/net/dev, not /sys/class/net: under `unshare --net` alone /sys is the host's.
+    with open("/proc/self/net/dev") as f:
+        links = [line.split(":", 1)[0].strip() for line in f if ":" in line]
+    foreign = [n for n in links if n != "lo" and not n.startswith(tuple(ours))]
+    if foreign:
+        pytest.fail(
+            f"these tests change the network, so they refuse to run outside a private network "
+            f"namespace (this one has {foreign}): {how}",
+            pytrace=False,
+        )
 
 
 def wait_for(pred, timeout=20.0, step=0.1):

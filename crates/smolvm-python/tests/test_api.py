@@ -114,12 +114,12 @@ def test_output_cap(shared_vm):
 
 
 def test_timeout_kills_the_process_group(shared_vm):
-    t0 = time.time()
+    # The command runs 300 s: the call comes back (with the error) only because the 1 s
+    # timeout ended it.
     with pytest.raises(OperationTimeoutError) as e:
         shared_vm.run("echo started; sleep 300 & sleep 301", timeout=1)
-    assert time.time() - t0 < 10
     assert e.value.timeout_seconds == 1 and e.value.stdout == b"started\n"
-    assert wait_for(lambda: shared_vm.run("pgrep -x sleep").exit_code == 1, timeout=5)
+    assert wait_for(lambda: shared_vm.run("pgrep -x sleep").exit_code == 1, timeout=30)
 
 
 def test_callbacks_get_output_as_it_comes(shared_vm):
@@ -141,7 +141,7 @@ def test_callback_exception_kills_the_command(shared_vm):
 
     with pytest.raises(RuntimeError):
         shared_vm.run("echo x; exec sleep 200", on_stdout=boom)
-    assert wait_for(lambda: shared_vm.run("pgrep -x sleep").exit_code == 1, timeout=5)
+    assert wait_for(lambda: shared_vm.run("pgrep -x sleep").exit_code == 1, timeout=30)
 
 
 def test_stream(shared_vm):
@@ -152,27 +152,31 @@ def test_stream(shared_vm):
     # Leaving early kills the command.
     with shared_vm.stream("while true; do echo tick; sleep 0.1; done") as s:
         assert next(iter(s)).text == "tick\n"
-    assert wait_for(lambda: shared_vm.run("pgrep -f 'echo [t]ick'").exit_code == 1, timeout=5)
+    assert wait_for(lambda: shared_vm.run("pgrep -f 'echo [t]ick'").exit_code == 1, timeout=30)
 
 
 def test_many_threads_one_vm(shared_vm):
     results, errors = {}, []
+    shared_vm.run("rm -rf /tmp/many && mkdir /tmp/many")
 
     def work(i):
+        # Each run waits (up to 30 s) until all 16 have started: with the GIL held while
+        # waiting, they would run one at a time and the first would wait alone.
         try:
-            results[i] = shared_vm.run(f"echo {i}; sleep 0.2").output
+            results[i] = shared_vm.run(
+                f"touch /tmp/many/{i}; n=0; while [ $(ls /tmp/many | wc -l) -lt 16 ]; do "
+                f"n=$((n+1)); [ $n -gt 600 ] && {{ echo alone; exit 0; }}; sleep 0.05; done; "
+                f"echo {i}"
+            ).output
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
-    t0 = time.time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors and results == {i: str(i) for i in range(16)}
-    # The GIL is released while waiting: 16 runs of 0.2 s overlap.
-    assert time.time() - t0 < 16 * 0.2
 
 
 # -- files ----------------------------------------------------------------------------
@@ -277,8 +281,9 @@ def test_ctrl_c_interrupts_run_and_leaves_no_orphan():
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
+    # `sleep 300` was interrupted (the child's 120 s limit is the deadline); how long that
+    # took is in its output, not asserted.
     assert lines[0].startswith("interrupted"), r.stdout
-    assert float(lines[0].split()[1]) < 5
     assert lines[1] == "left none"
 
 

@@ -6,9 +6,15 @@ import ipaddress
 
 import pytest
 
-from conftest import SMALL, http_get, wait_for
+from conftest import SMALL, http_get, require_private_netns, wait_for
 from smolvm import SmolVM, VMConfig
 from smolvm.exceptions import ValidationError
+
+
+@pytest.fixture(autouse=True)
+def _private_network_namespace():
+    """These tests make TAPs and nft rules: they fail (not pass) outside a private netns."""
+    require_private_netns()
 
 
 @pytest.mark.parametrize("network", ["none", "user", "nat"])

@@ -290,22 +290,19 @@ mod tests {
     /// The shell waits in its `read` builtin: it forks nothing, so no second process (a
     /// fork not yet exec'd still shows its parent's command line) ever names `path`.
     fn naming(path: &Path) -> std::process::Child {
-        let mut child = std::process::Command::new("sh")
+        let child = std::process::Command::new("sh")
             .args(["-c", "read line"])
             .arg(path)
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let needle = path.display().to_string();
-        for _ in 0..200 {
-            if crate::util::process_cmdline(child.id()).contains(&needle) {
-                return child;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("the command line of {} never named {needle}", child.id());
+        let pid = child.id();
+        smolvm_testing::poll_until(
+            std::time::Duration::from_secs(30),
+            &format!("the command line of {pid} to name {}", path.display()),
+            || smolvm_testing::processes_mentioning(path).contains(&pid),
+        );
+        child
     }
 
     #[test]

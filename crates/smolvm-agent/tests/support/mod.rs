@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::path::PathBuf;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{SplitSink, SplitStream};
@@ -17,6 +17,7 @@ use smolvm_protocol::{
     codec, decode, encode, Command, EnvUpdate, ExecRequest, ExitStatus, GuestMessage, Hello,
     HostMessage, PROTOCOL_VERSION,
 };
+use smolvm_testing::poll_until_async;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -71,11 +72,10 @@ impl Agent {
             .spawn()
             .expect("start the agent");
         // The socket file appears at bind(), a moment before listen(): probe with connects.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&socket).await.is_err() {
-            assert!(Instant::now() < deadline, "agent did not listen in time");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        poll_until_async(PATIENCE, "the agent to listen on its socket", || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        })
+        .await;
         Self {
             socket,
             root,
@@ -326,41 +326,15 @@ pub fn argv(args: &[&str]) -> ExecRequest {
 
 /// Live (not zombie) processes whose process group is `pgid`.
 pub fn live_group_members(pgid: u32) -> Vec<u32> {
-    let mut found = vec![];
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in dir.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.len() > 2 && fields[0] != "Z" && fields[2] == pgid.to_string() {
-            found.push(pid);
-        }
-    }
-    found
+    smolvm_testing::processes_in_group(pgid)
 }
 
-/// Waits until no live process is left in the group; returns how long that took.
-pub async fn wait_group_gone(pgid: u32, within: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        let left = live_group_members(pgid);
-        if left.is_empty() {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < within,
-            "processes {left:?} of group {pgid} still alive after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Waits until no live process is left in the group (failing after `within`).
+pub async fn wait_group_gone(pgid: u32, within: Duration) {
+    poll_until_async(
+        within,
+        &format!("the processes of group {pgid} to be gone"),
+        || live_group_members(pgid).is_empty(),
+    )
+    .await;
 }
