@@ -13,9 +13,10 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Once;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use smolvm::{Error, ExecOptions, NetworkMode, Paths, Runtime, Vm, VmConfig, VmState};
+use smolvm_testing::{poll_until, processes_mentioning, short_tempdir};
 
 /// Sets the lane's environment once, before any test spawns a process (every test calls
 /// this first, so no thread runs a child while the environment changes).
@@ -53,10 +54,7 @@ impl Lane {
     fn new() -> Lane {
         lane();
         // Short paths: the VM's sockets live under the state directory.
-        let state = tempfile::Builder::new()
-            .prefix("smf")
-            .tempdir_in("/tmp")
-            .unwrap();
+        let state = short_tempdir();
         let files = tempfile::tempdir().unwrap();
         for (name, size) in [
             ("vmlinux", 4096),
@@ -98,37 +96,13 @@ impl Lane {
         vm
     }
 
-    /// Every process whose command line names `dir`.
-    fn processes_naming(dir: &Path) -> Vec<u32> {
-        let needle = dir.to_string_lossy().into_owned();
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains(&needle))
-                    .unwrap_or(false)
-            })
-            .collect()
-    }
-
     /// Nothing of the VM is left: no row, no directory, no process naming it.
     fn assert_gone(&self, id: &str, dir: &Path) {
         poll_until(Duration::from_secs(10), "the VM's processes to end", || {
-            Self::processes_naming(dir).is_empty()
+            processes_mentioning(dir).is_empty()
         });
         assert!(!dir.exists(), "{} is left", dir.display());
         assert!(matches!(self.rt.get(id), Err(Error::VmNotFound(_))));
-    }
-}
-
-/// Waits until `cond` holds; fails naming what it waited for after `limit`.
-fn poll_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -152,7 +126,7 @@ fn a_vm_lives_through_create_start_exec_stop_start_and_delete() {
     let rec = vm.info().unwrap();
     assert_eq!(rec.state, VmState::Stopped);
     assert!(rec.supervisor_pid.is_none());
-    assert!(Lane::processes_naming(vm.dir()).is_empty());
+    assert!(processes_mentioning(vm.dir()).is_empty());
     vm.start().unwrap();
     assert_eq!(sh(&vm, "echo again").stdout_text(), "again\n");
     let dir = vm.dir().to_path_buf();
@@ -326,13 +300,7 @@ fn background_processes_of_a_stopped_vm_are_ended() {
         &vm,
         &format!("(exec -a {marker} sleep 600) >/dev/null 2>&1 &"),
     );
-    let running = || {
-        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&marker))
-                .unwrap_or(false)
-        })
-    };
+    let running = || !processes_mentioning(&marker).is_empty();
     poll_until(Duration::from_secs(10), "the background process", running);
     vm.stop(true).unwrap();
     poll_until(
