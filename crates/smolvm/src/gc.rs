@@ -73,7 +73,7 @@ const CREATE_GRACE_SECS: i64 = 120;
 /// Whether `rec` is a VM that `create` may still be making: recorded, diskless, recent.
 fn being_created(rec: &crate::store::VmRecord, now: i64) -> bool {
     rec.state == VmState::Created
-        && rec.disk_path.is_empty()
+        && rec.disk_path.as_os_str().is_empty()
         && now - rec.created_at < CREATE_GRACE_SECS
 }
 
@@ -96,10 +96,15 @@ impl Runtime {
         let mut report = GcReport::default();
         let state_dir = self.paths().state_dir.clone();
         let vms_dir = self.paths().vms_dir();
-        let records = self.with_store(|s| s.list())?;
+        let (records, corrupt) = self.with_store(|s| s.list())?;
         let mut known = BTreeSet::new();
+        // A VM whose record does not read is left as it is (`smolvm rm ID` removes it):
+        // its directory and processes are no orphans.
+        for c in &corrupt {
+            known.insert(c.dir.clone());
+        }
         for rec in records {
-            let dir = PathBuf::from(&rec.dir);
+            let dir = rec.dir.clone();
             known.insert(dir.clone());
             let alive = crate::supervisor::is_running(&dir);
             if rec.owner.is_some_and(|o| !o.alive()) {
@@ -192,11 +197,13 @@ impl Runtime {
         for (ip, id) in self.with_store(|s| s.remove_orphan_addresses())? {
             report.released_addresses.push(format!("{id} {ip}"));
         }
-        let records = self.with_store(|s| s.list())?;
+        let (records, corrupt) = self.with_store(|s| s.list())?;
         let running: BTreeSet<String> = records
             .iter()
-            .filter(|r| crate::supervisor::is_running(Path::new(&r.dir)))
-            .map(|r| r.id.clone())
+            .map(|r| (&r.id, &r.dir))
+            .chain(corrupt.iter().map(|c| (&c.id, &c.dir)))
+            .filter(|(_, dir)| crate::supervisor::is_running(dir))
+            .map(|(id, _)| id.clone())
             .collect();
         let in_use: BTreeSet<String> = self
             .with_store(|s| s.addresses())?
@@ -266,22 +273,8 @@ mod tests {
     fn diskless(rt: &Runtime, id: &str, created_at: i64) -> VmRecord {
         let dir = rt.paths().vm_dir(id);
         VmRecord {
-            id: id.into(),
-            state: VmState::Created,
-            config: crate::VmConfig::default(),
-            dir: dir.display().to_string(),
-            supervisor_pid: None,
-            qemu_pid: None,
-            accelerator: None,
-            error: None,
             created_at,
-            started_at: None,
-            disk_path: String::new(),
-            api_socket: dir.join(files::API_SOCK).display().to_string(),
-            owner: None,
-            ip: None,
-            stopped_at: None,
-            base: None,
+            ..VmRecord::new(id, crate::VmConfig::default(), &dir, None)
         }
     }
 

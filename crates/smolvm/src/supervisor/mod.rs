@@ -532,12 +532,7 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
     }
     let api_l = bind(&api_path)?;
     let store = Store::open(&spec.db_path)?;
-    store.set_running(
-        &spec.id,
-        std::process::id(),
-        qemu_pid,
-        spec.accelerator.as_str(),
-    )?;
+    store.set_running(&spec.id, std::process::id(), qemu_pid, spec.accelerator)?;
     tracing::info!(id = %spec.id, "recorded as running");
     // The VM's recorded port forwards come back with it.
     let forwards = forward::Forwards::new(&spec.id, link.clone(), Store::open(&spec.db_path)?);
