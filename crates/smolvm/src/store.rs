@@ -698,6 +698,13 @@ impl Store {
         }
     }
 
+    /// Runs `sql` on the database, for tests that plant what no code path writes (a
+    /// corrupt row).
+    #[cfg(test)]
+    pub(crate) fn execute_for_test(&self, sql: &str, id: &str) {
+        self.conn.execute(sql, params![id]).unwrap();
+    }
+
     /// Removes the VM's forwards on `host_port` (on any host address); returns how many.
     pub fn remove_forwards(&self, vm_id: &str, host_port: u16) -> Result<usize> {
         self.conn

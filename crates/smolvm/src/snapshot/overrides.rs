@@ -11,7 +11,7 @@
 //! |---|---|
 //! | `vm_id` | honoured: the new VM's id (generated when absent) |
 //! | `env_vars` | merged: set on top of the environment the saved guest already has |
-//! | `network` | honoured within what the saved device allows: a snapshot taken on `nat` restores on `nat` only, one without a network device on `none` only, one taken on `user` on `user`, `nat` or `none`; `auto` (and absent) keep the snapshot's |
+//! | `network` | honoured where the saved network device can be restored: a snapshot taken on `nat` or `user` restores on that mode only (the saved state holds the backend's: a TAP's device features, slirp's state), one without a network device on `none` only, one whose device was unplugged (`none`, made from a template with a device) on any; `auto` (and absent) keep the snapshot's |
 //! | `egress`, `allow_egress`, `deny_egress` | honoured: replace the snapshot's (absent: the snapshot's) |
 //! | `retain_disk_on_delete` | honoured (absent: the snapshot's VM's) |
 //! | `vcpu_count`, `mem_size_mib` | refused unless the snapshot's: the saved memory fixes them |
@@ -263,15 +263,22 @@ impl SnapshotOverrides {
                 "none only: the snapshot has no network device".into(),
             ));
         }
-        // A guest saved on a TAP negotiated virtio-net features (vnet_hdr) only a TAP has.
-        if source.network == NetworkMode::Nat && want != NetworkMode::Nat {
+        // A guest saved on a TAP negotiated virtio-net features (vnet_hdr) only a TAP has;
+        // one saved on user mode carries slirp's state, which only slirp loads.
+        let why = match source.network {
+            NetworkMode::Nat => Some("its network device uses features only a TAP device has"),
+            NetworkMode::User => Some("the saved state holds user mode's network stack"),
+            NetworkMode::None | NetworkMode::Auto => None,
+        };
+        if let Some(why) = why.filter(|_| want != source.network) {
             return Err(refuse(
                 name,
                 "network",
                 want.to_string(),
-                "nat only: the snapshot was taken on nat networking, and its network device \
-                 uses features only a TAP device has"
-                    .into(),
+                format!(
+                    "{} only: the snapshot was taken on {} networking and {why}",
+                    source.network, source.network
+                ),
             ));
         }
         Ok(want)
@@ -358,9 +365,10 @@ mod tests {
         assert_eq!(c.egress, EgressDefault::Deny);
         assert_eq!(c.allow_egress, ["203.0.113.0/24"]);
         assert!(c.retain_disk_on_delete);
-        // A snapshot taken on user mode restores on any network (none: the device stays,
-        // unplugged).
-        let s = saved(NetworkMode::User);
+        // A snapshot whose device was unplugged (network none, from a template with a
+        // device) restores on any network.
+        let mut s = saved(NetworkMode::None);
+        s.nic = true;
         for n in [NetworkMode::None, NetworkMode::User, NetworkMode::Nat] {
             let o = SnapshotOverrides {
                 network: Some(n),
@@ -486,14 +494,20 @@ mod tests {
             assert!(v.contains(value), "{value:?} not in {v:?}");
             assert!(e.contains("s1"), "{e}");
         }
-        // A snapshot without a network device: none only.
-        let s = saved(NetworkMode::None);
-        for n in [NetworkMode::User, NetworkMode::Nat] {
-            let o = SnapshotOverrides {
-                network: Some(n),
-                ..Default::default()
-            };
-            assert_eq!(refused(o, &s).0, "network");
+        // A snapshot without a network device: none only; one taken on user mode: user
+        // only.
+        for (saved_on, refused_modes) in [
+            (NetworkMode::None, [NetworkMode::User, NetworkMode::Nat]),
+            (NetworkMode::User, [NetworkMode::None, NetworkMode::Nat]),
+        ] {
+            let s = saved(saved_on);
+            for n in refused_modes {
+                let o = SnapshotOverrides {
+                    network: Some(n),
+                    ..Default::default()
+                };
+                assert_eq!(refused(o, &s).0, "network", "{saved_on} to {n}");
+            }
         }
         // Bad values of honoured options are the config's usual errors.
         let o = SnapshotOverrides {
