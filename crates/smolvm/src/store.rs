@@ -1015,6 +1015,12 @@ mod tests {
         let base = Base::template("default", "1c-256m-nonet-abc");
         s.set_base("a", Some(&base)).unwrap();
         assert_eq!(s.get("a").unwrap().unwrap().base, Some(base.clone()));
+        // What `ls --json` and `inspect` show is as it was: text, not the stored JSON.
+        let shown = serde_json::to_value(s.get("a").unwrap().unwrap()).unwrap();
+        assert_eq!(shown["base"], "template:default/1c-256m-nonet-abc");
+        assert_eq!(shown["accelerator"], "tcg");
+        assert_eq!(shown["ip"], "10.0.2.15");
+        assert_eq!(shown["dir"], "/nonexistent");
         assert_eq!(s.vms_on_base(&base).unwrap(), ["a"]);
         assert!(s.vms_on_base(&Base::snapshot("x")).unwrap().is_empty());
         s.set_ip("a", None).unwrap();
