@@ -210,11 +210,7 @@ fn start_one(rt: &Runtime, cfg: &VmConfig, fleet: &Fleet) -> Result<(Running, Du
     let st = vm.start()?;
     let took = t0.elapsed();
     anyhow::ensure!(
-        !cfg.snapshot
-            || st
-                .restored
-                .as_deref()
-                .is_some_and(|r| r.starts_with("template:")),
+        !cfg.snapshot || matches!(st.restored, Some(smolvm::Base::Template { .. })),
         "VM {} booted cold instead of resuming the template (see `smolvm logs {}`)",
         vm.id(),
         vm.id()

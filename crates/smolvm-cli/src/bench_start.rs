@@ -90,7 +90,7 @@ pub(crate) fn host_cpu_ticks() -> Option<(u64, u64)> {
 
 /// One start: create, start, run `echo`, until its output is back; then delete (untimed).
 /// Returns the time and what the VM resumed from.
-fn one(rt: &Runtime, cfg: &VmConfig) -> Result<(Duration, Option<String>)> {
+fn one(rt: &Runtime, cfg: &VmConfig) -> Result<(Duration, Option<smolvm::Base>)> {
     let t0 = Instant::now();
     let vm = rt.create_ephemeral(cfg.clone())?;
     let res = (|| {
@@ -146,7 +146,7 @@ pub fn run(p: &Params) -> Result<()> {
         anyhow::ensure!(from.is_none(), "a cold start resumed from {from:?}");
         let (w, from) = one(&rt, &base)?;
         anyhow::ensure!(
-            from.as_deref().is_some_and(|f| f.starts_with("template:")),
+            matches!(from, Some(smolvm::Base::Template { .. })),
             "a template start booted cold (see `smolvm logs`)"
         );
         cold.push(c);
@@ -166,7 +166,7 @@ pub fn run(p: &Params) -> Result<()> {
     if p.concurrent > 0 {
         let (t0, cpu0) = (Instant::now(), host_cpu_ticks());
         let gate = Arc::new(Barrier::new(p.concurrent));
-        let results: Vec<Result<(Duration, Option<String>)>> = std::thread::scope(|s| {
+        let results: Vec<Result<(Duration, Option<smolvm::Base>)>> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..p.concurrent)
                 .map(|_| {
                     let gate = gate.clone();

@@ -140,37 +140,6 @@ pub fn fork(id: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// The config of a VM made from snapshot `name`, with the flags the user gave on top
-/// (`cpus`/`memory` must match the snapshot; the runtime names the field if not).
-pub fn config_for(
-    rt: &Runtime,
-    name: &str,
-    cpus: Option<u32>,
-    memory: Option<u32>,
-    flags: &VmConfig,
-) -> Result<VmConfig> {
-    let saved = smolvm::snapshot::open_named(rt.paths(), name)?;
-    let mut cfg = rt.config_from_snapshot(&saved);
-    if let Some(c) = cpus {
-        cfg.vcpu_count = c;
-    }
-    if let Some(m) = memory {
-        cfg.mem_size_mib = m;
-    }
-    cfg.vm_id = flags.vm_id.clone();
-    cfg.env_vars = flags.env_vars.clone();
-    if saved.meta.nic {
-        cfg.network = flags.network;
-        cfg.egress = flags.egress;
-        cfg.allow_egress = flags.allow_egress.clone();
-        cfg.deny_egress = flags.deny_egress.clone();
-    } else if flags.network != smolvm::NetworkMode::Auto {
-        cfg.network = flags.network;
-    }
-    cfg.validate()?;
-    Ok(cfg)
-}
-
 /// `smolvm image warm NAME`: builds the template of an image and shape now.
 pub fn warm(cfg: &VmConfig) -> Result<()> {
     let rt = Runtime::open()?;

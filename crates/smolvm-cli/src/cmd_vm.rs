@@ -10,36 +10,80 @@ use smolvm::{ExecOptions, OutputStream, Runtime, Vm, VmConfig};
 use crate::table::{self, ms};
 use crate::{CreateArgs, ExecArgs, VmArgs};
 
-/// Builds a validated config from flags.
+/// Builds a validated config from flags: the runtime's defaults, with what was given set.
 pub fn config_from(c: Option<&CreateArgs>, a: &VmArgs) -> Result<VmConfig> {
-    let mut cfg = VmConfig {
-        vcpu_count: a.cpus.unwrap_or(smolvm::config::DEFAULT_VCPUS),
-        mem_size_mib: a.memory.unwrap_or(smolvm::config::DEFAULT_MEM_MIB),
-        snapshot: !a.cold,
-        image: a.image.clone(),
-        boot_args: a.boot_args.clone(),
-        network: a.network.parse()?,
-        egress: a.egress.parse()?,
-        allow_egress: a.allow.clone(),
-        deny_egress: a.deny.clone(),
-        ..Default::default()
-    };
+    let mut cfg = VmConfig::default();
+    if let Some(v) = a.cpus {
+        cfg.vcpu_count = v;
+    }
+    if let Some(v) = a.memory {
+        cfg.mem_size_mib = v;
+    }
+    if let Some(v) = &a.image {
+        cfg.image = v.clone();
+    }
+    if let Some(v) = &a.network {
+        cfg.network = v.parse()?;
+    }
+    if let Some(v) = &a.egress {
+        cfg.egress = v.parse()?;
+    }
+    cfg.snapshot = !a.cold;
+    cfg.boot_args = a.boot_args.clone();
+    cfg.allow_egress = a.allow.clone();
+    cfg.deny_egress = a.deny.clone();
     if let Some(c) = c {
         cfg.vm_id = c.name.clone();
-        cfg.disk_mode = c.disk_mode.parse()?;
+        if let Some(v) = &c.disk_mode {
+            cfg.disk_mode = v.parse()?;
+        }
         cfg.disk_path = c.disk.clone();
         cfg.disk_size_mib = c.disk_size;
         cfg.retain_disk_on_delete = c.retain_disk;
         cfg.kernel_path = c.kernel.clone();
         cfg.initrd_path = c.initrd.clone();
         cfg.rootfs_path = c.rootfs.clone();
-        for kv in &c.env {
-            let (k, v) = split_kv("--env", kv)?;
-            cfg.env_vars.insert(k.to_string(), v.to_string());
-        }
+        cfg.env_vars = env_from(&c.env)?;
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The flags given with `--from-snapshot`, every one of them, for the runtime to honour
+/// or refuse (see [`smolvm::SnapshotOverrides`]).
+pub fn overrides_from(c: &CreateArgs, a: &VmArgs) -> Result<smolvm::SnapshotOverrides> {
+    let given = |list: &[String]| (!list.is_empty()).then(|| list.to_vec());
+    Ok(smolvm::SnapshotOverrides {
+        vm_id: c.name.clone(),
+        env_vars: env_from(&c.env)?,
+        network: a.network.as_deref().map(str::parse).transpose()?,
+        egress: a.egress.as_deref().map(str::parse).transpose()?,
+        allow_egress: given(&a.allow),
+        deny_egress: given(&a.deny),
+        retain_disk_on_delete: c.retain_disk.then_some(true),
+        vcpu_count: a.cpus,
+        mem_size_mib: a.memory,
+        image: a.image.clone(),
+        boot_args: a.boot_args.clone(),
+        kernel_path: c.kernel.clone(),
+        initrd_path: c.initrd.clone(),
+        rootfs_path: c.rootfs.clone(),
+        disk_size_mib: c.disk_size,
+        disk_mode: c.disk_mode.as_deref().map(str::parse).transpose()?,
+        disk_path: c.disk.clone(),
+        snapshot: a.cold.then_some(false),
+        owner: None,
+    })
+}
+
+/// `--env KEY=VALUE` flags as a map.
+fn env_from(flags: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut vars = std::collections::BTreeMap::new();
+    for kv in flags {
+        let (k, v) = split_kv("--env", kv)?;
+        vars.insert(k.to_string(), v.to_string());
+    }
+    Ok(vars)
 }
 
 /// Splits `KEY=VALUE`, or names the flag and what it expects.
@@ -103,15 +147,23 @@ fn tcg_notice(rt: &Runtime) {
     let _ = std::fs::write(&marker, b"");
 }
 
-/// Creates the VM (ephemeral: deleted when this process dies, or persistent), building
-/// the default image on first use.
-fn create_vm(rt: &Runtime, cfg: VmConfig, ephemeral: bool) -> Result<Vm> {
+/// Creates the VM (owned by `owner`: deleted when it dies; or persistent) and, with
+/// `start`, starts it (a VM that does not start is deleted), building the default image on
+/// first use.
+fn create_vm(
+    rt: &Runtime,
+    cfg: VmConfig,
+    owner: Option<smolvm::Owner>,
+    start: bool,
+) -> Result<(Vm, Option<smolvm::StartTimings>)> {
     tcg_notice(rt);
-    let make = |cfg: VmConfig| {
-        if ephemeral {
-            rt.create_ephemeral(cfg)
+    let make = |cfg: VmConfig| -> smolvm::Result<(Vm, Option<smolvm::StartTimings>)> {
+        if start {
+            rt.create_started(cfg, owner).map(|(vm, t)| (vm, Some(t)))
+        } else if owner.is_some() {
+            rt.create_ephemeral(cfg).map(|vm| (vm, None))
         } else {
-            rt.create(cfg)
+            rt.create(cfg).map(|vm| (vm, None))
         }
     };
     match make(cfg.clone()) {
@@ -162,8 +214,9 @@ pub fn run(a: &VmArgs, e: &ExecArgs, timings: bool) -> Result<i32> {
     let t0 = Instant::now();
     let rt = Runtime::open()?;
     // Owned by this process: should it be killed, the VM's supervisor deletes the VM.
-    let vm = create_vm(&rt, cfg, true)?;
-    let created = t0.elapsed();
+    let (vm, st) = create_vm(&rt, cfg, smolvm::Owner::current(), true)?;
+    let st = st.ok_or_else(|| anyhow::anyhow!("the VM was not started"))?;
+    let created = t0.elapsed().saturating_sub(st.ready);
     // Ctrl-C deletes the VM before exiting: nothing is left behind.
     let current: Arc<Mutex<Option<Vm>>> = Arc::new(Mutex::new(Some(vm.clone())));
     let for_handler = current.clone();
@@ -174,10 +227,9 @@ pub fn run(a: &VmArgs, e: &ExecArgs, timings: bool) -> Result<i32> {
         std::process::exit(130);
     });
     let result = (|| {
-        let st = vm.start()?;
         let t_exec = Instant::now();
         let (code, _) = stream_exec(&vm, &opts, e.interactive)?;
-        Ok::<_, anyhow::Error>((st, t_exec.elapsed(), code))
+        Ok::<_, anyhow::Error>((t_exec.elapsed(), code))
     })();
     let t_del = Instant::now();
     let deleted = current
@@ -186,7 +238,7 @@ pub fn run(a: &VmArgs, e: &ExecArgs, timings: bool) -> Result<i32> {
         .and_then(|mut g| g.take())
         .map(|v| v.delete());
     let del = t_del.elapsed();
-    let (st, exec_t, code) = result?;
+    let (exec_t, code) = result?;
     if let Some(Err(err)) = deleted {
         eprintln!("smolvm: warning: could not delete VM {}: {err}", vm.id());
     }
@@ -214,21 +266,22 @@ pub fn run(a: &VmArgs, e: &ExecArgs, timings: bool) -> Result<i32> {
 
 /// `smolvm create`.
 pub fn create(c: &CreateArgs, a: &VmArgs, no_start: bool) -> Result<()> {
-    let cfg = config_from(Some(c), a)?;
-    let rt = Runtime::open()?;
     let vm = match &c.from_snapshot {
         Some(name) => {
-            let cfg = crate::cmd_snapshot::config_for(&rt, name, a.cpus, a.memory, &cfg)?;
-            rt.create_from_snapshot(name, cfg, None)?
+            let overrides = overrides_from(c, a)?;
+            let rt = Runtime::open()?;
+            if no_start {
+                rt.create_from_snapshot(name, overrides)?
+            } else {
+                rt.create_started_from_snapshot(name, overrides)?.0
+            }
         }
-        None => create_vm(&rt, cfg, false)?,
+        None => {
+            let cfg = config_from(Some(c), a)?;
+            let rt = Runtime::open()?;
+            create_vm(&rt, cfg, None, !no_start)?.0
+        }
     };
-    if !no_start {
-        if let Err(e) = vm.start() {
-            let _ = vm.delete();
-            return Err(e.into());
-        }
-    }
     println!("{}", vm.id());
     Ok(())
 }
@@ -297,7 +350,12 @@ pub fn rm(ids: &[String], force: bool) -> Result<()> {
 /// `smolvm ls`.
 pub fn ls(json: bool) -> Result<()> {
     let rt = Runtime::open()?;
-    let vms = rt.list()?;
+    let (vms, corrupt) = rt.list_all()?;
+    // The other VMs are listed; each one whose record does not read is named on stderr
+    // with how to remove it.
+    for e in &corrupt {
+        eprintln!("smolvm: warning: {e}");
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&vms)?);
         return Ok(());
@@ -331,9 +389,9 @@ pub fn ls(json: bool) -> Result<()> {
             format!("{} MiB", r.config.mem_size_mib),
             uptime,
             // The guest's address in nat mode; `-` in the others.
-            r.ip.unwrap_or_else(|| "-".into()),
+            r.ip.map_or_else(|| "-".into(), |ip| ip.to_string()),
             ports,
-            r.accelerator.unwrap_or_else(|| "-".into()),
+            r.accelerator.map_or_else(|| "-".into(), |a| a.to_string()),
             r.error.unwrap_or_default(),
         ]);
     }

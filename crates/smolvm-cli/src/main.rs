@@ -27,7 +27,9 @@ struct Cli {
     command: Cmd,
 }
 
-/// Resource and image options shared by `run` and `create`.
+/// Resource and image options shared by `run` and `create`. Options not given take the
+/// runtime's defaults (or, with `--from-snapshot`, the snapshot's), so every option is
+/// optional here.
 #[derive(Args, Clone)]
 pub struct VmArgs {
     /// Number of vCPUs (1-32) [default: 2; a snapshot's own with --from-snapshot].
@@ -36,17 +38,18 @@ pub struct VmArgs {
     /// Memory in MiB (128-16384) [default: 512; a snapshot's own with --from-snapshot].
     #[arg(long)]
     pub memory: Option<u32>,
-    /// Image to boot (see `smolvm image ls`).
-    #[arg(long, default_value = smolvm::config::DEFAULT_IMAGE)]
-    pub image: String,
+    /// Image to boot (see `smolvm image ls`) [default: default].
+    #[arg(long)]
+    pub image: Option<String>,
     /// Network mode: nat (TAP + nftables; needs root), user (QEMU user-mode, rootless),
-    /// none, or auto (nat where possible, else user).
-    #[arg(long, default_value = "auto")]
-    pub network: String,
+    /// none, or auto (nat where possible, else user) [default: auto; a snapshot's own with
+    /// --from-snapshot].
+    #[arg(long)]
+    pub network: Option<String>,
     /// Default egress policy: allow (public destinations; link-local, private ranges and
-    /// the host stay blocked) or deny (only --allow entries).
-    #[arg(long, default_value = "allow")]
-    pub egress: String,
+    /// the host stay blocked) or deny (only --allow entries) [default: allow].
+    #[arg(long)]
+    pub egress: Option<String>,
     /// Open a destination: A.B.C.D, A.B.C.D/N, optionally :PORT (repeatable; nat only).
     #[arg(long = "allow", value_name = "CIDR[:PORT]")]
     pub allow: Vec<String>,
@@ -83,9 +86,10 @@ pub struct CreateArgs {
     /// The VM's id (lowercase letters, digits, '-'); generated when absent.
     #[arg(long)]
     pub name: Option<String>,
-    /// Disk mode: isolated (own copy-on-write overlay) or shared (one writable disk per image).
-    #[arg(long, default_value = "isolated")]
-    pub disk_mode: String,
+    /// Disk mode: isolated (own copy-on-write overlay) or shared (one writable disk per
+    /// image) [default: isolated].
+    #[arg(long)]
+    pub disk_mode: Option<String>,
     /// Boot from this existing disk (e.g. one retained by `--retain-disk`), used in place.
     #[arg(long)]
     pub disk: Option<PathBuf>,
@@ -108,8 +112,10 @@ pub struct CreateArgs {
     #[arg(long)]
     pub rootfs: Option<PathBuf>,
     /// Resume from this snapshot (`smolvm snapshot ls`): memory, processes and files as
-    /// they were; the VM gets its own id, hostname, address and randomness.
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["disk", "kernel", "initrd", "rootfs", "cold"])]
+    /// they were; the VM gets its own id, hostname, address and randomness. --name, --env
+    /// (added to the saved environment), --network, --egress, --allow, --deny and
+    /// --retain-disk apply; the others must be the snapshot's own or are refused (exit 2).
+    #[arg(long, value_name = "NAME")]
     pub from_snapshot: Option<String>,
 }
 

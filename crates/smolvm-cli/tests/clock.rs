@@ -32,7 +32,7 @@ fn every_vm_gets_a_real_clocksource_and_inspect_shows_it() {
     for snapshot in [false, true] {
         let vm = boot(two_vcpus(snapshot));
         let rec = vm.info().unwrap();
-        let accel = rec.accelerator.clone().unwrap_or_default();
+        let accel = rec.accelerator.map(|a| a.to_string()).unwrap_or_default();
         let in_guest = sh(
             &vm,
             "cat /sys/devices/system/clocksource/clocksource0/current_clocksource",

@@ -50,7 +50,7 @@ fn run_client() -> (Child, String, PathBuf) {
         ))
         .is_ok_and(|out| out.exit_code == Some(0))
     });
-    (child, rec.id, PathBuf::from(rec.dir))
+    (child, rec.id, rec.dir)
 }
 
 fn ids() -> Vec<String> {
@@ -265,7 +265,7 @@ fn gc_running_beside_creates_and_deletes_breaks_none_of_them() {
                 ..common::small()
             })
             .unwrap_or_else(|e| panic!("create {i} beside gc: {e}"));
-        let disk = std::path::PathBuf::from(vm.info().unwrap().disk_path);
+        let disk = vm.info().unwrap().disk_path;
         assert!(disk.is_file(), "create {i}: its disk");
         let (id, dir) = (vm.id().to_string(), vm.dir().to_path_buf());
         let kept = vm

@@ -77,7 +77,7 @@ fn user_mode_guest_configures_eth0_from_the_kernel_command_line() {
     assert!(!log.contains("not configured"), "{log}");
 
     // The host records the address: Vm::info, `ls --json`, `inspect`.
-    assert_eq!(vm.info().unwrap().ip.as_deref(), Some("10.0.2.15"));
+    assert_eq!(vm.info().unwrap().ip, Some([10, 0, 2, 15].into()));
     let ls = cli(&["ls", "--json"]);
     let ls = String::from_utf8_lossy(&ls.stdout);
     assert!(ls.contains("\"10.0.2.15\""), "{ls}");
@@ -89,7 +89,7 @@ fn user_mode_guest_configures_eth0_from_the_kernel_command_line() {
     vm.stop(false).unwrap();
     common::start(&vm);
     assert!(sh(&vm, "ip -4 addr show eth0").contains("inet 10.0.2.15/24 "));
-    assert_eq!(vm.info().unwrap().ip.as_deref(), Some("10.0.2.15"));
+    assert_eq!(vm.info().unwrap().ip, Some([10, 0, 2, 15].into()));
     let id = vm.id().to_owned();
     vm.delete().unwrap();
     assert!(matches!(

@@ -177,7 +177,7 @@ fn a_shared_disk_runs_one_vm_at_a_time_and_keeps_its_writes() {
     a.stop(true).unwrap();
     start(&b);
     assert_eq!(sh(&b, "cat $HOME/shared.txt"), "shared-data\n");
-    let disk = std::path::PathBuf::from(b.info().unwrap().disk_path);
+    let disk = b.info().unwrap().disk_path;
     for vm in [a, b] {
         vm.delete().unwrap();
     }

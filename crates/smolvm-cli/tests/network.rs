@@ -154,7 +154,11 @@ fn fetch(vm: &Vm, addr: &str, port: u16) -> Option<String> {
 }
 
 fn ip_of(vm: &Vm) -> String {
-    vm.info().unwrap().ip.expect("a nat VM has an address")
+    vm.info()
+        .unwrap()
+        .ip
+        .expect("a nat VM has an address")
+        .to_string()
 }
 
 fn smv_links() -> Vec<String> {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use smolvm::snapshot::template;
-use smolvm::{Error, VmConfig, VmState};
+use smolvm::{Error, SnapshotOverrides, VmConfig, VmState};
 
 /// A background job that appends a line to /tmp/ticks every 100 ms.
 const TICKER: &str =
@@ -48,7 +48,8 @@ fn drop_template(config: &VmConfig) {
 fn a_new_vm_resumes_from_the_template_and_cold_boots_when_asked() {
     let vm = runtime().create(small()).unwrap();
     let st = vm.start().unwrap();
-    let from = st.restored.clone().expect("resumed from a template");
+    let base = st.restored.clone().expect("resumed from a template");
+    let from = base.to_string();
     assert!(
         from.starts_with("template:default/1c-256m-nonet-"),
         "{from}"
@@ -64,7 +65,7 @@ fn a_new_vm_resumes_from_the_template_and_cold_boots_when_asked() {
         (guest - host).abs() <= 5,
         "guest clock {guest}, host {host}"
     );
-    assert_eq!(vm.info().unwrap().base.as_deref(), Some(from.as_str()));
+    assert_eq!(vm.info().unwrap().base, Some(base));
     vm.delete().unwrap();
 
     let cold = runtime()
@@ -101,10 +102,11 @@ fn a_file_and_a_background_process_survive_a_snapshot() {
         ticks(&vm) > before
     });
 
-    let cfg = rt.config_from_snapshot(&saved);
-    let clone = rt.create_from_snapshot("keep", cfg, None).unwrap();
+    let clone = rt
+        .create_from_snapshot("keep", SnapshotOverrides::default())
+        .unwrap();
     let st = clone.start().unwrap();
-    assert_eq!(st.restored.as_deref(), Some("snapshot:keep"));
+    assert_eq!(st.restored, Some(smolvm::Base::snapshot("keep")));
     assert_eq!(sh(&clone, "cat /var/tmp/data.txt").trim(), "precious");
     let n = ticks(&clone);
     assert!(
@@ -212,8 +214,9 @@ fn forks_share_the_state_but_not_the_identity() {
     let rand = |v: &smolvm::Vm| sh(v, "head -c 32 /dev/urandom | od -An -tx1");
     assert_ne!(rand(a), rand(b), "clones must not share random state");
     // The forks' state is removed with the last fork.
-    let base = a.info().unwrap().base.unwrap();
-    let name = base.strip_prefix("snapshot:").unwrap().to_string();
+    let Some(smolvm::Base::Snapshot { name }) = a.info().unwrap().base else {
+        panic!("a fork builds on a snapshot");
+    };
     assert!(runtime()
         .snapshots()
         .unwrap()
@@ -256,13 +259,12 @@ fn failed_restores_are_clear_and_leave_nothing() {
         rt.list()
             .unwrap()
             .iter()
-            .filter(|v| v.record.base.as_deref() == Some("snapshot:broken"))
+            .filter(|v| v.record.base == Some(smolvm::Base::snapshot("broken")))
             .count()
     };
     std::fs::rename(saved.memory(), saved.dir.join("memory.away")).unwrap();
-    let cfg = rt.config_from_snapshot(&saved);
     let e = rt
-        .create_from_snapshot("broken", cfg.clone(), None)
+        .create_from_snapshot("broken", SnapshotOverrides::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("memory") && e.contains("missing"), "{e}");
@@ -273,7 +275,7 @@ fn failed_restores_are_clear_and_leave_nothing() {
     std::fs::set_permissions(saved.memory(), std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::write(saved.memory(), vec![0u8; 4096]).unwrap();
     let vm = rt
-        .create_from_snapshot("broken", cfg.clone(), None)
+        .create_from_snapshot("broken", SnapshotOverrides::default())
         .unwrap();
     let e = vm.start().unwrap_err();
     let text = e.to_string();
@@ -290,11 +292,10 @@ fn failed_restores_are_clear_and_leave_nothing() {
     let e = rt
         .create_from_snapshot(
             "broken",
-            VmConfig {
-                vcpu_count: 2,
-                ..cfg
+            SnapshotOverrides {
+                vcpu_count: Some(2),
+                ..Default::default()
             },
-            None,
         )
         .unwrap_err();
     assert!(
@@ -496,7 +497,8 @@ fn resumed(rt: &smolvm::Runtime) -> (smolvm::Vm, String) {
         .start()
         .unwrap()
         .restored
-        .expect("resumed from a template");
+        .expect("resumed from a template")
+        .to_string();
     (vm, from)
 }
 
@@ -593,7 +595,7 @@ fn templates_past_the_cap_go_and_no_vm_or_snapshot_needs_its_template_or_image()
     }
     // Without its template the snapshot still restores.
     let clone = rt
-        .create_from_snapshot(&snap, rt.config_from_snapshot(&saved), None)
+        .create_from_snapshot(&snap, SnapshotOverrides::default())
         .unwrap();
     clone.start().unwrap();
     assert_eq!(sh(&clone, "cat /var/tmp/keep.txt"), "kept\n");

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyInt, PyString};
-use smolvm::{Error, VmConfig};
+use smolvm::{Error, SnapshotOverrides, VmConfig};
 
 use crate::errors::to_py;
 
@@ -92,6 +92,47 @@ fn path(py: Python<'_>, field: &'static str, v: &Bound<'_, PyAny>) -> PyResult<P
         .map_err(|_| bad(py, field, v, "a text path"))
 }
 
+/// The field named `key`, or a refusal listing the fields.
+fn known(py: Python<'_>, key: String) -> PyResult<&'static str> {
+    FIELDS.iter().copied().find(|f| *f == key).ok_or_else(|| {
+        to_py(
+            py,
+            Error::InvalidConfig {
+                field: "config",
+                value: key,
+                allowed: format!("one of the fields: {}", FIELDS.join(", ")),
+            },
+        )
+    })
+}
+
+fn boolean(py: Python<'_>, field: &'static str, v: &Bound<'_, PyAny>) -> PyResult<bool> {
+    if !v.is_instance_of::<PyBool>() {
+        return Err(bad(py, field, v, "True or False"));
+    }
+    v.extract()
+}
+
+fn env_vars(py: Python<'_>, v: &Bound<'_, PyAny>) -> PyResult<BTreeMap<String, String>> {
+    let d = v
+        .downcast::<PyDict>()
+        .map_err(|_| bad(py, "env_vars", v, "a dict of str to str"))?;
+    let mut vars = BTreeMap::new();
+    for (name, value) in d.iter() {
+        let name = string(py, "env_vars", &name)?;
+        if value.is_none() {
+            return Err(bad(
+                py,
+                "env_vars",
+                &value,
+                &format!("a string value for {name:?} (None is not a value)"),
+            ));
+        }
+        vars.insert(name, string(py, "env_vars", &value)?);
+    }
+    Ok(vars)
+}
+
 /// Builds and validates a runtime config from `fields`; unknown names are refused.
 pub fn from_dict(py: Python<'_>, fields: &Bound<'_, PyDict>) -> PyResult<VmConfig> {
     apply(py, VmConfig::default(), fields)
@@ -99,20 +140,11 @@ pub fn from_dict(py: Python<'_>, fields: &Bound<'_, PyDict>) -> PyResult<VmConfi
 
 /// `base` with `fields` set on it (a `None` value keeps the base's), validated; unknown
 /// names are refused.
-pub fn apply(py: Python<'_>, base: VmConfig, fields: &Bound<'_, PyDict>) -> PyResult<VmConfig> {
+fn apply(py: Python<'_>, base: VmConfig, fields: &Bound<'_, PyDict>) -> PyResult<VmConfig> {
     let mut c = base;
     for (k, v) in fields.iter() {
         let key: String = k.extract()?;
-        let Some(field) = FIELDS.iter().copied().find(|f| *f == key) else {
-            return Err(to_py(
-                py,
-                Error::InvalidConfig {
-                    field: "config",
-                    value: key,
-                    allowed: format!("one of the fields: {}", FIELDS.join(", ")),
-                },
-            ));
-        };
+        let field = known(py, key)?;
         if v.is_none() {
             // None means "the default" (or the base's value) for every field.
             continue;
@@ -135,42 +167,54 @@ pub fn apply(py: Python<'_>, base: VmConfig, fields: &Bound<'_, PyDict>) -> PyRe
             "allow_egress" => c.allow_egress = strings(py, field, &v)?,
             "deny_egress" => c.deny_egress = strings(py, field, &v)?,
             "disk_size_mib" => c.disk_size_mib = Some(int(py, field, &v)?),
-            "retain_disk_on_delete" => {
-                if !v.is_instance_of::<PyBool>() {
-                    return Err(bad(py, field, &v, "True or False"));
-                }
-                c.retain_disk_on_delete = v.extract()?;
-            }
-            "snapshot" => {
-                if !v.is_instance_of::<PyBool>() {
-                    return Err(bad(py, field, &v, "True or False"));
-                }
-                c.snapshot = v.extract()?;
-            }
-            "env_vars" => {
-                let d = v
-                    .downcast::<PyDict>()
-                    .map_err(|_| bad(py, field, &v, "a dict of str to str"))?;
-                let mut vars = BTreeMap::new();
-                for (name, value) in d.iter() {
-                    let name = string(py, "env_vars", &name)?;
-                    if value.is_none() {
-                        return Err(bad(
-                            py,
-                            "env_vars",
-                            &value,
-                            &format!("a string value for {name:?} (None is not a value)"),
-                        ));
-                    }
-                    vars.insert(name, string(py, "env_vars", &value)?);
-                }
-                c.env_vars = vars;
-            }
+            "retain_disk_on_delete" => c.retain_disk_on_delete = boolean(py, field, &v)?,
+            "snapshot" => c.snapshot = boolean(py, field, &v)?,
+            "env_vars" => c.env_vars = env_vars(py, &v)?,
             _ => {}
         }
     }
     c.validate().map_err(|e| to_py(py, e))?;
     Ok(c)
+}
+
+/// The options given for a VM made from a snapshot (`SmolVM.from_snapshot(name, **fields)`):
+/// each field converted to its type, `None` meaning "not given"; unknown names are refused.
+/// What becomes of each is the runtime's rule ([`smolvm::SnapshotOverrides`]).
+pub fn overrides(py: Python<'_>, fields: &Bound<'_, PyDict>) -> PyResult<SnapshotOverrides> {
+    let mut o = SnapshotOverrides::default();
+    for (k, v) in fields.iter() {
+        let key: String = k.extract()?;
+        let field = known(py, key)?;
+        if v.is_none() {
+            continue;
+        }
+        match field {
+            "vm_id" => o.vm_id = Some(string(py, field, &v)?),
+            "vcpu_count" => o.vcpu_count = Some(int(py, field, &v)?),
+            "mem_size_mib" => o.mem_size_mib = Some(int(py, field, &v)?),
+            "image" => o.image = Some(string(py, field, &v)?),
+            "kernel_path" => o.kernel_path = Some(path(py, field, &v)?),
+            "initrd_path" => o.initrd_path = Some(path(py, field, &v)?),
+            "rootfs_path" => o.rootfs_path = Some(path(py, field, &v)?),
+            "disk_path" => o.disk_path = Some(path(py, field, &v)?),
+            "boot_args" => o.boot_args = Some(string(py, field, &v)?),
+            "disk_mode" => {
+                o.disk_mode = Some(string(py, field, &v)?.parse().map_err(|e| to_py(py, e))?)
+            }
+            "network" => {
+                o.network = Some(string(py, field, &v)?.parse().map_err(|e| to_py(py, e))?)
+            }
+            "egress" => o.egress = Some(string(py, field, &v)?.parse().map_err(|e| to_py(py, e))?),
+            "allow_egress" => o.allow_egress = Some(strings(py, field, &v)?),
+            "deny_egress" => o.deny_egress = Some(strings(py, field, &v)?),
+            "disk_size_mib" => o.disk_size_mib = Some(int(py, field, &v)?),
+            "retain_disk_on_delete" => o.retain_disk_on_delete = Some(boolean(py, field, &v)?),
+            "snapshot" => o.snapshot = Some(boolean(py, field, &v)?),
+            "env_vars" => o.env_vars = env_vars(py, &v)?,
+            _ => {}
+        }
+    }
+    Ok(o)
 }
 
 /// The config as a dict of every field (defaults filled in; paths as strings).

@@ -54,32 +54,24 @@ impl Vm {
         Ok(Vm { vm })
     }
 
-    /// Records a new VM (not started) that resumes from snapshot `name` at its start: the
-    /// snapshot's config with `fields` set over it (a `None` keeps the snapshot's value).
-    /// The shape must stay the snapshot's; a field that cannot differ is refused naming it,
-    /// and nothing is created. `owned` as in `create`.
+    /// A new running VM that resumed from snapshot `name`, and its start timings: `fields`
+    /// are the options given (a `None` is not given), honoured or refused by the runtime's
+    /// rules (`SnapshotOverrides`); a refusal names the option and creates nothing, and a VM
+    /// that does not start is deleted. `owned` as in `create`.
     #[staticmethod]
-    fn create_from_snapshot(
-        py: Python<'_>,
+    fn create_started_from_snapshot<'py>(
+        py: Python<'py>,
         name: String,
-        fields: &Bound<'_, PyDict>,
+        fields: &Bound<'py, PyDict>,
         owned: bool,
-    ) -> PyResult<Vm> {
+    ) -> PyResult<(Vm, Bound<'py, PyDict>)> {
+        let mut overrides = config::overrides(py, fields)?;
+        overrides.owner = if owned { Owner::current() } else { None };
         let rt = runtime(py)?;
-        let saved = {
-            let rt = rt.clone();
-            let name = name.clone();
-            py.allow_threads(move || smolvm::snapshot::open_named(rt.paths(), &name))
-                .map_py(py)?
-        };
-        let base = rt.config_from_snapshot(&saved);
-        let cfg = config::apply(py, base.clone(), fields)?;
-        fixed_by_snapshot(py, &saved, &base, &cfg)?;
-        let owner = if owned { Owner::current() } else { None };
-        let vm = py
-            .allow_threads(move || rt.create_from_snapshot(&name, cfg, owner))
+        let (vm, t) = py
+            .allow_threads(move || rt.create_started_from_snapshot(&name, overrides))
             .map_py(py)?;
-        Ok(Vm { vm })
+        Ok((Vm { vm }, timings_dict(py, t)?))
     }
 
     /// A handle on an existing VM.
@@ -99,16 +91,7 @@ impl Vm {
     /// Boots the VM (no-op when running); returns the phase timings.
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let t = py.allow_threads(|| self.vm.start()).map_py(py)?;
-        let d = PyDict::new(py);
-        d.set_item("create_start", t.create_start.as_secs_f64())?;
-        d.set_item("ready", t.ready.as_secs_f64())?;
-        d.set_item("accelerator", t.accelerator.to_string())?;
-        d.set_item("already_running", t.already_running)?;
-        d.set_item("kernel_release", t.guest.kernel_release)?;
-        d.set_item("guest_boot_ms", t.guest.boot_ms)?;
-        d.set_item("clocksource", t.guest.clocksource)?;
-        d.set_item("restored", t.restored)?;
-        Ok(d)
+        timings_dict(py, t)
     }
 
     /// Stops the VM (a clean guest shutdown first unless `graceful` is false).
@@ -169,10 +152,10 @@ impl Vm {
         d.set_item("vm_id", &r.id)?;
         d.set_item("state", r.state.as_str())?;
         d.set_item("error", &r.error)?;
-        d.set_item("ip", &r.ip)?;
-        d.set_item("accelerator", &r.accelerator)?;
-        d.set_item("dir", &r.dir)?;
-        d.set_item("disk_path", &r.disk_path)?;
+        d.set_item("ip", r.ip.map(|ip| ip.to_string()))?;
+        d.set_item("accelerator", r.accelerator.map(|a| a.to_string()))?;
+        d.set_item("dir", r.dir.display().to_string())?;
+        d.set_item("disk_path", r.disk_path.display().to_string())?;
         d.set_item("created_at", r.created_at)?;
         d.set_item("started_at", r.started_at)?;
         d.set_item("stopped_at", r.stopped_at)?;
@@ -353,56 +336,19 @@ fn port(py: Python<'_>, field: &'static str, p: i64, zero_ok: bool) -> PyResult<
     }
 }
 
-/// Refuses overrides of what a VM made from a snapshot cannot change: the files its disk
-/// and memory were made from, and the resume itself.
-fn fixed_by_snapshot(
-    py: Python<'_>,
-    saved: &Saved,
-    base: &smolvm::VmConfig,
-    cfg: &smolvm::VmConfig,
-) -> PyResult<()> {
-    let name = &saved.meta.name;
-    let refuse = |field: &'static str, value: String, want: String| {
-        Err(to_py(
-            py,
-            smolvm::Error::InvalidConfig {
-                field,
-                value,
-                allowed: format!(
-                    "{want}, as in snapshot {name:?} (a VM made from a snapshot resumes its \
-                     disk and memory)"
-                ),
-            },
-        ))
-    };
-    let show = |p: &Option<PathBuf>| {
-        p.as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "None".into())
-    };
-    if cfg.image != base.image {
-        return refuse("image", cfg.image.clone(), format!("{:?}", base.image));
-    }
-    for (field, got, want) in [
-        ("kernel_path", &cfg.kernel_path, &base.kernel_path),
-        ("initrd_path", &cfg.initrd_path, &base.initrd_path),
-        ("rootfs_path", &cfg.rootfs_path, &base.rootfs_path),
-    ] {
-        if got != want {
-            return refuse(field, show(got), show(want));
-        }
-    }
-    if cfg.disk_size_mib != base.disk_size_mib {
-        return refuse(
-            "disk_size_mib",
-            format!("{:?}", cfg.disk_size_mib),
-            format!("{:?}", base.disk_size_mib),
-        );
-    }
-    if !cfg.snapshot {
-        return refuse("snapshot", "False".into(), "True".into());
-    }
-    Ok(())
+/// A start's timings as the SDK shows them (`restored`: `"template:IMAGE/KEY"`,
+/// `"snapshot:NAME"` or None).
+fn timings_dict(py: Python<'_>, t: smolvm::StartTimings) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("create_start", t.create_start.as_secs_f64())?;
+    d.set_item("ready", t.ready.as_secs_f64())?;
+    d.set_item("accelerator", t.accelerator.to_string())?;
+    d.set_item("already_running", t.already_running)?;
+    d.set_item("kernel_release", t.guest.kernel_release)?;
+    d.set_item("guest_boot_ms", t.guest.boot_ms)?;
+    d.set_item("clocksource", t.guest.clocksource)?;
+    d.set_item("restored", t.restored.map(|b| b.to_string()))?;
+    Ok(d)
 }
 
 /// A saved state's description (`SnapshotInfo` fields).

@@ -15,8 +15,8 @@ pub(crate) fn remove_vm(
     rec: &VmRecord,
 ) -> Result<Option<PathBuf>> {
     let vms_dir = state_dir.join("vms");
-    let dir = PathBuf::from(&rec.dir);
-    let disk = PathBuf::from(&rec.disk_path);
+    let dir = rec.dir.clone();
+    let disk = rec.disk_path.clone();
     let mut retained = None;
     if rec.config.retain_disk_on_delete && disk.starts_with(&dir) && disk.is_file() {
         let backing = rec.config.rootfs_path.clone();

@@ -148,6 +148,17 @@ pub enum Error {
     /// No snapshot has this name.
     #[error("no snapshot named {0:?} (see `smolvm snapshot ls`)")]
     SnapshotNotFound(String),
+
+    // Added for issue 14 (typed VM records).
+    /// A VM's row in the state database does not read (its config, state or another
+    /// column); it is never replaced by defaults.
+    #[error("the record of VM {id} is unreadable ({what}); remove it with `smolvm rm {id}`")]
+    CorruptRecord {
+        /// VM id.
+        id: String,
+        /// What does not read.
+        what: String,
+    },
 }
 
 /// Result alias for the runtime.

@@ -73,7 +73,7 @@ const CREATE_GRACE_SECS: i64 = 120;
 /// Whether `rec` is a VM that `create` may still be making: recorded, diskless, recent.
 fn being_created(rec: &crate::store::VmRecord, now: i64) -> bool {
     rec.state == VmState::Created
-        && rec.disk_path.is_empty()
+        && rec.disk_path.as_os_str().is_empty()
         && now - rec.created_at < CREATE_GRACE_SECS
 }
 
@@ -96,10 +96,15 @@ impl Runtime {
         let mut report = GcReport::default();
         let state_dir = self.paths().state_dir.clone();
         let vms_dir = self.paths().vms_dir();
-        let records = self.with_store(|s| s.list())?;
+        let (records, corrupt) = self.with_store(|s| s.list())?;
         let mut known = BTreeSet::new();
+        // A VM whose record does not read is left as it is (`smolvm rm ID` removes it):
+        // its directory and processes are no orphans.
+        for c in &corrupt {
+            known.insert(c.dir.clone());
+        }
         for rec in records {
-            let dir = PathBuf::from(&rec.dir);
+            let dir = rec.dir.clone();
             known.insert(dir.clone());
             let alive = crate::supervisor::is_running(&dir);
             if rec.owner.is_some_and(|o| !o.alive()) {
@@ -192,11 +197,13 @@ impl Runtime {
         for (ip, id) in self.with_store(|s| s.remove_orphan_addresses())? {
             report.released_addresses.push(format!("{id} {ip}"));
         }
-        let records = self.with_store(|s| s.list())?;
+        let (records, corrupt) = self.with_store(|s| s.list())?;
         let running: BTreeSet<String> = records
             .iter()
-            .filter(|r| crate::supervisor::is_running(Path::new(&r.dir)))
-            .map(|r| r.id.clone())
+            .map(|r| (&r.id, &r.dir))
+            .chain(corrupt.iter().map(|c| (&c.id, &c.dir)))
+            .filter(|(_, dir)| crate::supervisor::is_running(dir))
+            .map(|(id, _)| id.clone())
             .collect();
         let in_use: BTreeSet<String> = self
             .with_store(|s| s.addresses())?
@@ -261,27 +268,14 @@ fn kill_strays(vms_dir: &Path, known: impl Fn(&str) -> bool) -> usize {
 mod tests {
     use super::*;
     use crate::store::VmRecord;
+    use crate::Error;
 
     /// A VM as `create` records it before making its directory and disk.
     fn diskless(rt: &Runtime, id: &str, created_at: i64) -> VmRecord {
         let dir = rt.paths().vm_dir(id);
         VmRecord {
-            id: id.into(),
-            state: VmState::Created,
-            config: crate::VmConfig::default(),
-            dir: dir.display().to_string(),
-            supervisor_pid: None,
-            qemu_pid: None,
-            accelerator: None,
-            error: None,
             created_at,
-            started_at: None,
-            disk_path: String::new(),
-            api_socket: dir.join(files::API_SOCK).display().to_string(),
-            owner: None,
-            ip: None,
-            stopped_at: None,
-            base: None,
+            ..VmRecord::new(id, crate::VmConfig::default(), &dir, None)
         }
     }
 
@@ -334,6 +328,60 @@ mod tests {
             let _ = writer.kill();
             let _ = writer.wait();
         }
+    }
+
+    /// A VM whose record does not read: listed apart (the others still are), named by
+    /// every call on it, left alone by gc, and removed whole by delete.
+    #[test]
+    fn a_corrupt_record_is_named_left_to_gc_and_removable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rt = Runtime::with_paths(crate::Paths {
+            state_dir: tmp.path().join("state"),
+            images_dir: tmp.path().join("images"),
+        })
+        .unwrap();
+        let old = crate::util::now_unix() - CREATE_GRACE_SECS - 1;
+        for id in ["vm-good0001", "vm-broken01"] {
+            let mut rec = diskless(&rt, id, old);
+            rec.state = VmState::Stopped;
+            rt.with_store(|s| s.insert(&rec)).unwrap();
+            std::fs::create_dir_all(rt.paths().vm_dir(id)).unwrap();
+        }
+        rt.with_store(|s| {
+            s.execute_for_test(
+                "UPDATE vms SET config='{not json' WHERE id=?1",
+                "vm-broken01",
+            );
+            Ok(())
+        })
+        .unwrap();
+        let (vms, corrupt) = rt.list_all().unwrap();
+        let ids: Vec<_> = vms.iter().map(|v| v.record.id.as_str()).collect();
+        assert_eq!(ids, ["vm-good0001"]);
+        assert_eq!(corrupt.len(), 1);
+        let text = corrupt[0].to_string();
+        assert!(
+            text.contains("vm-broken01") && text.contains("smolvm rm vm-broken01"),
+            "{text}"
+        );
+        assert_eq!(rt.list().unwrap().len(), 1);
+        // Every call on it names it; none takes defaults for its config.
+        let vm = rt.get("vm-broken01").unwrap();
+        for e in [vm.info().unwrap_err(), vm.start().unwrap_err()] {
+            assert!(
+                matches!(&e, Error::CorruptRecord { id, .. } if id == "vm-broken01"),
+                "{e}"
+            );
+        }
+        // gc leaves it (and its directory) alone.
+        let report = rt.gc().unwrap();
+        assert!(rt.paths().vm_dir("vm-broken01").is_dir(), "{report:?}");
+        // Deleting it removes its row and directory.
+        assert_eq!(vm.delete().unwrap(), None);
+        assert!(!rt.paths().vm_dir("vm-broken01").exists());
+        assert!(matches!(rt.get("vm-broken01"), Err(Error::VmNotFound(_))));
+        let (vms, corrupt) = rt.list_all().unwrap();
+        assert_eq!((vms.len(), corrupt.len()), (1, 0));
     }
 
     #[test]

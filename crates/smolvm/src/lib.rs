@@ -40,5 +40,6 @@ pub use forward::ForwardInfo;
 pub use gc::GcReport;
 pub use paths::Paths;
 pub use smolvm_protocol::Command;
-pub use store::{Owner, VmRecord, VmState};
+pub use snapshot::overrides::SnapshotOverrides;
+pub use store::{Base, Owner, VmRecord, VmState};
 pub use vm::{Runtime, StartTimings, Vm, VmInfo};

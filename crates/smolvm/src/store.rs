@@ -1,7 +1,7 @@
 //! VM state in SQLite (WAL, busy timeout, schema migrations): one row per VM.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -11,10 +11,18 @@ use smolvm_protocol::ForwardInfo;
 
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
+use crate::hypervisor::Accelerator;
+
+/// One step of the schema: SQL, or code for what SQL cannot say.
+enum Migration {
+    Sql(&'static str),
+    Code(fn(&rusqlite::Transaction<'_>) -> Result<()>),
+}
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
-    r#"
+const MIGRATIONS: &[Migration] = &[
+    Migration::Sql(
+        r#"
 CREATE TABLE vms (
     id             TEXT PRIMARY KEY,
     state          TEXT NOT NULL,
@@ -28,7 +36,9 @@ CREATE TABLE vms (
     started_at     INTEGER
 );
 "#,
-    r#"
+    ),
+    Migration::Sql(
+        r#"
 ALTER TABLE vms ADD COLUMN disk_path TEXT NOT NULL DEFAULT '';
 ALTER TABLE vms ADD COLUMN api_socket TEXT NOT NULL DEFAULT '';
 ALTER TABLE vms ADD COLUMN owner_pid INTEGER;
@@ -36,7 +46,9 @@ ALTER TABLE vms ADD COLUMN owner_start INTEGER;
 ALTER TABLE vms ADD COLUMN ip TEXT;
 ALTER TABLE vms ADD COLUMN stopped_at INTEGER;
 "#,
-    r#"
+    ),
+    Migration::Sql(
+        r#"
 CREATE TABLE forwards (
     vm_id      TEXT NOT NULL,
     host_addr  TEXT NOT NULL,
@@ -47,15 +59,21 @@ CREATE TABLE forwards (
 );
 CREATE INDEX forwards_by_vm ON forwards (vm_id);
 "#,
-    r#"
+    ),
+    Migration::Sql(
+        r#"
 CREATE TABLE addresses (
     ip    TEXT PRIMARY KEY,
     vm_id TEXT NOT NULL UNIQUE
 );
 "#,
-    r#"
+    ),
+    Migration::Sql(
+        r#"
 ALTER TABLE vms ADD COLUMN base TEXT;
 "#,
+    ),
+    Migration::Code(base_to_json),
 ];
 
 /// The columns of a VM row, in the order [`row_to_record`] reads them.
@@ -95,14 +113,18 @@ impl VmState {
         }
     }
 
-    fn parse(s: &str) -> VmState {
-        match s {
-            "created" => VmState::Created,
-            "running" => VmState::Running,
-            "paused" => VmState::Paused,
-            "stopped" => VmState::Stopped,
-            _ => VmState::Error,
-        }
+    /// Every state, in the order of its life.
+    pub const ALL: [VmState; 5] = [
+        VmState::Created,
+        VmState::Running,
+        VmState::Paused,
+        VmState::Stopped,
+        VmState::Error,
+    ];
+
+    /// The state stored as `s`, if it is one.
+    pub fn parse(s: &str) -> Option<VmState> {
+        VmState::ALL.into_iter().find(|v| v.as_str() == s)
     }
 }
 
@@ -112,8 +134,59 @@ impl std::fmt::Display for VmState {
     }
 }
 
+/// The saved state a VM's disk builds on (stored as JSON in the `base` column).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Base {
+    /// An image's template: `IMAGE/templates/KEY` (see [`crate::snapshot::template`]).
+    Template {
+        /// The image.
+        image: String,
+        /// The template's key.
+        key: String,
+    },
+    /// A named snapshot, or the state a fork was made from.
+    Snapshot {
+        /// Its name.
+        name: String,
+    },
+}
+
+impl Base {
+    /// The snapshot `name`.
+    pub fn snapshot(name: &str) -> Base {
+        Base::Snapshot {
+            name: name.to_string(),
+        }
+    }
+
+    /// The template `key` of `image`.
+    pub fn template(image: &str, key: &str) -> Base {
+        Base::Template {
+            image: image.to_string(),
+            key: key.to_string(),
+        }
+    }
+
+    fn to_json(&self) -> String {
+        // A plain enum of strings always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Shown as `template:IMAGE/KEY` or `snapshot:NAME` (what `--timings`, `inspect` and the
+/// SDK's start timings print); never parsed back.
+impl std::fmt::Display for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Base::Template { image, key } => write!(f, "template:{image}/{key}"),
+            Base::Snapshot { name } => write!(f, "snapshot:{name}"),
+        }
+    }
+}
+
 /// One VM's row.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct VmRecord {
     /// VM id.
     pub id: String,
@@ -122,31 +195,89 @@ pub struct VmRecord {
     /// The validated config it was created with.
     pub config: VmConfig,
     /// Its private directory.
-    pub dir: String,
+    pub dir: PathBuf,
     /// Pid of its supervisor, while running.
     pub supervisor_pid: Option<u32>,
     /// Pid of its QEMU, while running.
     pub qemu_pid: Option<u32>,
-    /// Accelerator it runs on.
-    pub accelerator: Option<String>,
+    /// Accelerator it runs on (since its first start).
+    pub accelerator: Option<Accelerator>,
     /// Why it is in the error state.
     pub error: Option<String>,
     /// Creation time, Unix seconds.
     pub created_at: i64,
     /// Last start time, Unix seconds.
     pub started_at: Option<i64>,
-    /// The VM's root disk.
-    pub disk_path: String,
+    /// The VM's root disk (empty until `create` has made it).
+    pub disk_path: PathBuf,
     /// The VM's API socket (present while it runs).
-    pub api_socket: String,
+    pub api_socket: PathBuf,
     /// The process whose death deletes the VM (ephemeral VMs), if any.
     pub owner: Option<Owner>,
     /// The guest's address, when it has a network with a host-assigned one.
-    pub ip: Option<String>,
+    pub ip: Option<Ipv4Addr>,
     /// Last stop time, Unix seconds.
     pub stopped_at: Option<i64>,
-    /// The saved state the VM's disk builds on (`template:KEY` or `snapshot:NAME`), if any.
-    pub base: Option<String>,
+    /// The saved state the VM's disk builds on, if any (shown as text, see [`Base`]).
+    #[serde(serialize_with = "base_as_text")]
+    pub base: Option<Base>,
+}
+
+fn base_as_text<S: serde::Serializer>(
+    b: &Option<Base>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match b {
+        Some(b) => s.collect_str(b),
+        None => s.serialize_none(),
+    }
+}
+
+impl VmRecord {
+    /// A VM as `create` first records it: state `created`, no disk yet, its API socket in
+    /// `dir`, made now.
+    pub fn new(id: &str, config: VmConfig, dir: &Path, owner: Option<Owner>) -> VmRecord {
+        VmRecord {
+            id: id.to_string(),
+            state: VmState::Created,
+            config,
+            dir: dir.to_path_buf(),
+            supervisor_pid: None,
+            qemu_pid: None,
+            accelerator: None,
+            error: None,
+            created_at: crate::util::now_unix(),
+            started_at: None,
+            disk_path: PathBuf::new(),
+            api_socket: dir.join(crate::supervisor::files::API_SOCK),
+            owner,
+            ip: None,
+            stopped_at: None,
+            base: None,
+        }
+    }
+}
+
+/// A row that does not read as a VM record (see [`Error::CorruptRecord`]): what is known of
+/// it, enough to remove it.
+#[derive(Debug, Clone)]
+pub struct CorruptRow {
+    /// The VM's id.
+    pub id: String,
+    /// Its directory, as recorded.
+    pub dir: PathBuf,
+    /// What does not read.
+    pub what: String,
+}
+
+impl CorruptRow {
+    /// The error naming the VM.
+    pub fn error(&self) -> Error {
+        Error::CorruptRecord {
+            id: self.id.clone(),
+            what: self.what.clone(),
+        }
+    }
 }
 
 /// A process identified so that a recycled pid is not mistaken for it.
@@ -210,8 +341,11 @@ impl Store {
         let version: usize = tx
             .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
             .map_err(db_err("reading schema version"))? as usize;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            tx.execute_batch(sql).map_err(db_err("migrating schema"))?;
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(version) {
+            match step {
+                Migration::Sql(sql) => tx.execute_batch(sql).map_err(db_err("migrating schema"))?,
+                Migration::Code(f) => f(&tx)?,
+            }
             tx.pragma_update(None, "user_version", (i + 1) as i64)
                 .map_err(db_err("recording schema version"))?;
         }
@@ -228,10 +362,10 @@ impl Store {
                 rec.id,
                 rec.state.as_str(),
                 config,
-                rec.dir,
+                path_text(&rec.dir),
                 rec.created_at,
-                rec.disk_path,
-                rec.api_socket,
+                path_text(&rec.disk_path),
+                path_text(&rec.api_socket),
                 rec.owner.map(|o| o.pid),
                 rec.owner.map(|o| o.start as i64)
             ],
@@ -247,20 +381,37 @@ impl Store {
         }
     }
 
-    /// Reads one VM.
+    /// Reads one VM; a row that does not read is [`Error::CorruptRecord`] naming it.
     pub fn get(&self, id: &str) -> Result<Option<VmRecord>> {
-        self.conn
+        let row = self
+            .conn
             .query_row(
                 &format!("SELECT {COLUMNS} FROM vms WHERE id = ?1"),
                 params![id],
-                row_to_record,
+                RawRow::read,
             )
             .optional()
-            .map_err(db_err("reading the VM"))
+            .map_err(db_err("reading the VM"))?;
+        match row {
+            None => Ok(None),
+            Some(raw) => raw.parse().map(Some).map_err(|c| c.error()),
+        }
     }
 
-    /// Reads every VM, oldest first.
-    pub fn list(&self) -> Result<Vec<VmRecord>> {
+    /// The directory recorded for `id`, if it has a row (readable or not).
+    pub fn locate(&self, id: &str) -> Result<Option<PathBuf>> {
+        let dir: Option<String> = self
+            .conn
+            .query_row("SELECT dir FROM vms WHERE id = ?1", params![id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db_err("reading the VM"))?;
+        Ok(dir.map(PathBuf::from))
+    }
+
+    /// Reads every VM, oldest first: the records, and apart the rows that do not read.
+    pub fn list(&self) -> Result<(Vec<VmRecord>, Vec<CorruptRow>)> {
         let mut stmt = self
             .conn
             .prepare(&format!(
@@ -268,10 +419,18 @@ impl Store {
             ))
             .map_err(db_err("listing VMs"))?;
         let rows = stmt
-            .query_map([], row_to_record)
+            .query_map([], RawRow::read)
+            .map_err(db_err("listing VMs"))?
+            .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(db_err("listing VMs"))?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(db_err("listing VMs"))
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for raw in rows {
+            match raw.parse() {
+                Ok(rec) => good.push(rec),
+                Err(c) => bad.push(c),
+            }
+        }
+        Ok((good, bad))
     }
 
     /// Marks a VM running with its processes.
@@ -280,12 +439,12 @@ impl Store {
         id: &str,
         supervisor_pid: u32,
         qemu_pid: u32,
-        accel: &str,
+        accel: Accelerator,
     ) -> Result<()> {
         self.conn
             .execute(
                 "UPDATE vms SET state='running', supervisor_pid=?2, qemu_pid=?3, accelerator=?4, error=NULL, started_at=?5 WHERE id=?1",
-                params![id, supervisor_pid, qemu_pid, accel, crate::util::now_unix()],
+                params![id, supervisor_pid, qemu_pid, accel.as_str(), crate::util::now_unix()],
             )
             .map_err(db_err("recording the VM as running"))?;
         Ok(())
@@ -324,32 +483,35 @@ impl Store {
     }
 
     /// Records the VM's root disk.
-    pub fn set_disk(&self, id: &str, disk_path: &str) -> Result<()> {
+    pub fn set_disk(&self, id: &str, disk_path: &Path) -> Result<()> {
         self.conn
             .execute(
                 "UPDATE vms SET disk_path=?2 WHERE id=?1",
-                params![id, disk_path],
+                params![id, path_text(disk_path)],
             )
             .map_err(db_err("recording the VM's disk"))?;
         Ok(())
     }
 
     /// Records (or, with `None`, clears) the saved state the VM's disk builds on.
-    pub fn set_base(&self, id: &str, base: Option<&str>) -> Result<()> {
+    pub fn set_base(&self, id: &str, base: Option<&Base>) -> Result<()> {
         self.conn
-            .execute("UPDATE vms SET base=?2 WHERE id=?1", params![id, base])
+            .execute(
+                "UPDATE vms SET base=?2 WHERE id=?1",
+                params![id, base.map(Base::to_json)],
+            )
             .map_err(db_err("recording the VM's base"))?;
         Ok(())
     }
 
     /// Ids of the VMs whose disks build on `base` (see [`VmRecord::base`]).
-    pub fn vms_on_base(&self, base: &str) -> Result<Vec<String>> {
+    pub fn vms_on_base(&self, base: &Base) -> Result<Vec<String>> {
         let mut stmt = self
             .conn
             .prepare("SELECT id FROM vms WHERE base=?1 ORDER BY id")
             .map_err(db_err("listing VMs by base"))?;
         let ids = stmt
-            .query_map(params![base], |r| r.get::<_, String>(0))
+            .query_map(params![base.to_json()], |r| r.get::<_, String>(0))
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
             .map_err(db_err("listing VMs by base"))?;
         Ok(ids)
@@ -357,9 +519,12 @@ impl Store {
 
     /// Records (or, with `None`, clears) the guest's address shown by `ls`, `inspect` and the
     /// SDK's `get_ip()`.
-    pub fn set_ip(&self, id: &str, ip: Option<&str>) -> Result<()> {
+    pub fn set_ip(&self, id: &str, ip: Option<Ipv4Addr>) -> Result<()> {
         self.conn
-            .execute("UPDATE vms SET ip=?2 WHERE id=?1", params![id, ip])
+            .execute(
+                "UPDATE vms SET ip=?2 WHERE id=?1",
+                params![id, ip.map(|ip| ip.to_string())],
+            )
             .map_err(db_err("recording the VM's address"))?;
         Ok(())
     }
@@ -533,6 +698,13 @@ impl Store {
         }
     }
 
+    /// Runs `sql` on the database, for tests that plant what no code path writes (a
+    /// corrupt row).
+    #[cfg(test)]
+    pub(crate) fn execute_for_test(&self, sql: &str, id: &str) {
+        self.conn.execute(sql, params![id]).unwrap();
+    }
+
     /// Removes the VM's forwards on `host_port` (on any host address); returns how many.
     pub fn remove_forwards(&self, vm_id: &str, host_port: u16) -> Result<usize> {
         self.conn
@@ -626,33 +798,158 @@ fn enable_wal(conn: &Connection) -> Result<()> {
     }
 }
 
-fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRecord> {
-    let config: String = r.get(2)?;
-    let state: String = r.get(1)?;
-    Ok(VmRecord {
-        id: r.get(0)?,
-        state: VmState::parse(&state),
-        config: serde_json::from_str(&config).unwrap_or_default(),
-        dir: r.get(3)?,
-        supervisor_pid: r.get(4)?,
-        qemu_pid: r.get(5)?,
-        accelerator: r.get(6)?,
-        error: r.get(7)?,
-        created_at: r.get(8)?,
-        started_at: r.get(9)?,
-        disk_path: r.get(10)?,
-        api_socket: r.get(11)?,
-        owner: match (r.get::<_, Option<u32>>(12)?, r.get::<_, Option<i64>>(13)?) {
-            (Some(pid), Some(start)) => Some(Owner {
-                pid,
-                start: start as u64,
-            }),
-            _ => None,
-        },
-        ip: r.get(14)?,
-        stopped_at: r.get(15)?,
-        base: r.get(16)?,
-    })
+/// A path as stored (paths smolvm makes are UTF-8: they are built from the state
+/// directory, ids and fixed names).
+fn path_text(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A VM row as stored, before its columns are read as types.
+struct RawRow {
+    id: String,
+    state: String,
+    config: String,
+    dir: String,
+    supervisor_pid: Option<u32>,
+    qemu_pid: Option<u32>,
+    accelerator: Option<String>,
+    error: Option<String>,
+    created_at: i64,
+    started_at: Option<i64>,
+    disk_path: String,
+    api_socket: String,
+    owner_pid: Option<u32>,
+    owner_start: Option<i64>,
+    ip: Option<String>,
+    stopped_at: Option<i64>,
+    base: Option<String>,
+}
+
+impl RawRow {
+    /// Reads the [`COLUMNS`] of a row.
+    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+        Ok(RawRow {
+            id: r.get(0)?,
+            state: r.get(1)?,
+            config: r.get(2)?,
+            dir: r.get(3)?,
+            supervisor_pid: r.get(4)?,
+            qemu_pid: r.get(5)?,
+            accelerator: r.get(6)?,
+            error: r.get(7)?,
+            created_at: r.get(8)?,
+            started_at: r.get(9)?,
+            disk_path: r.get(10)?,
+            api_socket: r.get(11)?,
+            owner_pid: r.get(12)?,
+            owner_start: r.get(13)?,
+            ip: r.get(14)?,
+            stopped_at: r.get(15)?,
+            base: r.get(16)?,
+        })
+    }
+
+    /// The record, or what of it does not read.
+    fn parse(self) -> std::result::Result<VmRecord, CorruptRow> {
+        let corrupt = |what: String| CorruptRow {
+            id: self.id.clone(),
+            dir: PathBuf::from(&self.dir),
+            what,
+        };
+        let state = VmState::parse(&self.state).ok_or_else(|| {
+            corrupt(format!(
+                "its state {:?} is not one of {}",
+                self.state,
+                VmState::ALL.map(VmState::as_str).join(", ")
+            ))
+        })?;
+        let config: VmConfig = serde_json::from_str(&self.config)
+            .map_err(|e| corrupt(format!("its config does not parse: {e}")))?;
+        let accelerator = match &self.accelerator {
+            None => None,
+            Some(a) => Some(
+                Accelerator::ALL
+                    .into_iter()
+                    .find(|k| k.as_str() == a)
+                    .ok_or_else(|| {
+                        corrupt(format!("its accelerator {a:?} is not kvm, tcg or none"))
+                    })?,
+            ),
+        };
+        let ip = match &self.ip {
+            None => None,
+            Some(ip) => Some(
+                ip.parse::<Ipv4Addr>()
+                    .map_err(|_| corrupt(format!("its address {ip:?} is not an IPv4 address")))?,
+            ),
+        };
+        let base = match &self.base {
+            None => None,
+            Some(b) => Some(
+                serde_json::from_str::<Base>(b)
+                    .map_err(|e| corrupt(format!("its base {b:?} does not parse: {e}")))?,
+            ),
+        };
+        Ok(VmRecord {
+            id: self.id,
+            state,
+            config,
+            dir: PathBuf::from(self.dir),
+            supervisor_pid: self.supervisor_pid,
+            qemu_pid: self.qemu_pid,
+            accelerator,
+            error: self.error,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            disk_path: PathBuf::from(self.disk_path),
+            api_socket: PathBuf::from(self.api_socket),
+            owner: match (self.owner_pid, self.owner_start) {
+                (Some(pid), Some(start)) => Some(Owner {
+                    pid,
+                    start: start as u64,
+                }),
+                _ => None,
+            },
+            ip,
+            stopped_at: self.stopped_at,
+            base,
+        })
+    }
+}
+
+/// Migration 6: the `base` column held `template:IMAGE/KEY` or `snapshot:NAME`; it holds
+/// a [`Base`] as JSON from now on. A value of neither form is left as it is (the row then
+/// reads as corrupt, naming it).
+fn base_to_json(tx: &rusqlite::Transaction<'_>) -> Result<()> {
+    let old: Vec<(String, String)> = {
+        let mut stmt = tx
+            .prepare("SELECT id, base FROM vms WHERE base IS NOT NULL")
+            .map_err(db_err("reading VM bases"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db_err("reading VM bases"))?;
+        rows.collect::<rusqlite::Result<_>>()
+            .map_err(db_err("reading VM bases"))?
+    };
+    for (id, text) in old {
+        let base = if let Some(name) = text.strip_prefix("snapshot:") {
+            Base::snapshot(name)
+        } else if let Some((image, key)) = text
+            .strip_prefix("template:")
+            .and_then(|t| t.split_once('/'))
+        {
+            Base::template(image, key)
+        } else {
+            tracing::warn!(%id, base = %text, "a VM's base is of no known form; left as it is");
+            continue;
+        };
+        tx.execute(
+            "UPDATE vms SET base=?2 WHERE id=?1",
+            params![id, base.to_json()],
+        )
+        .map_err(db_err("migrating VM bases"))?;
+    }
+    Ok(())
 }
 
 /// The address recorded for `vm_id` on `conn` (a connection or an open transaction).
@@ -674,23 +971,25 @@ mod tests {
 
     fn rec(id: &str) -> VmRecord {
         VmRecord {
-            id: id.into(),
-            state: VmState::Created,
-            config: VmConfig::default(),
-            dir: "/nonexistent".into(),
-            supervisor_pid: None,
-            qemu_pid: None,
-            accelerator: None,
-            error: None,
             created_at: 1,
-            started_at: None,
             disk_path: "/nonexistent/disk.qcow2".into(),
-            api_socket: "/nonexistent/api.sock".into(),
-            owner: None,
-            ip: None,
-            stopped_at: None,
-            base: None,
+            ..VmRecord::new(id, VmConfig::default(), Path::new("/nonexistent"), None)
         }
+    }
+
+    /// Applies the first `n` migrations to a new database at `path`.
+    fn schema_of_generation(path: &Path, n: usize) -> Connection {
+        let mut conn = Connection::open(path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for step in &MIGRATIONS[..n] {
+            match step {
+                Migration::Sql(sql) => tx.execute_batch(sql).unwrap(),
+                Migration::Code(f) => f(&tx).unwrap(),
+            }
+        }
+        tx.commit().unwrap();
+        conn.pragma_update(None, "user_version", n as i64).unwrap();
+        conn
     }
 
     #[test]
@@ -699,22 +998,33 @@ mod tests {
         let s = Store::open(&dir.path().join("db")).unwrap();
         s.insert(&rec("a")).unwrap();
         assert!(matches!(s.insert(&rec("a")), Err(Error::VmExists(_))));
-        s.set_running("a", 10, 11, "tcg").unwrap();
+        s.set_running("a", 10, 11, Accelerator::Tcg).unwrap();
         let r = s.get("a").unwrap().unwrap();
         assert_eq!(r.state, VmState::Running);
         assert_eq!(r.qemu_pid, Some(11));
+        assert_eq!(r.accelerator, Some(Accelerator::Tcg));
+        assert_eq!(r.api_socket, Path::new("/nonexistent/api.sock"));
         s.set_state("a", VmState::Error, Some("boom")).unwrap();
         let r = s.get("a").unwrap().unwrap();
         assert_eq!(
             (r.state, r.error.as_deref(), r.qemu_pid),
             (VmState::Error, Some("boom"), None)
         );
-        assert_eq!(s.list().unwrap().len(), 1);
-        s.set_ip("a", Some("10.0.2.15")).unwrap();
-        assert_eq!(
-            s.get("a").unwrap().unwrap().ip.as_deref(),
-            Some("10.0.2.15")
-        );
+        assert_eq!(s.list().unwrap().0.len(), 1);
+        let ip: Ipv4Addr = "10.0.2.15".parse().unwrap();
+        s.set_ip("a", Some(ip)).unwrap();
+        assert_eq!(s.get("a").unwrap().unwrap().ip, Some(ip));
+        let base = Base::template("default", "1c-256m-nonet-abc");
+        s.set_base("a", Some(&base)).unwrap();
+        assert_eq!(s.get("a").unwrap().unwrap().base, Some(base.clone()));
+        // What `ls --json` and `inspect` show is as it was: text, not the stored JSON.
+        let shown = serde_json::to_value(s.get("a").unwrap().unwrap()).unwrap();
+        assert_eq!(shown["base"], "template:default/1c-256m-nonet-abc");
+        assert_eq!(shown["accelerator"], "tcg");
+        assert_eq!(shown["ip"], "10.0.2.15");
+        assert_eq!(shown["dir"], "/nonexistent");
+        assert_eq!(s.vms_on_base(&base).unwrap(), ["a"]);
+        assert!(s.vms_on_base(&Base::snapshot("x")).unwrap().is_empty());
         s.set_ip("a", None).unwrap();
         assert_eq!(s.get("a").unwrap().unwrap().ip, None);
         s.delete("a").unwrap();
@@ -778,11 +1088,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
         {
-            let conn = Connection::open(&path).unwrap();
-            for sql in &MIGRATIONS[..2] {
-                conn.execute_batch(sql).unwrap();
-            }
-            conn.pragma_update(None, "user_version", 2i64).unwrap();
+            let conn = schema_of_generation(&path, 2);
             conn.execute(
                 "INSERT INTO vms (id, state, config, dir, created_at) VALUES ('old', 'stopped', '{}', '/x', 1)",
                 params![],
@@ -798,6 +1104,103 @@ mod tests {
         assert_eq!(s.get("old").unwrap().unwrap().state, VmState::Stopped);
         s.add_forward("old", &fwd("127.0.0.1", 1234, 22)).unwrap();
         assert_eq!(s.forwards("old").unwrap().len(), 1);
+    }
+
+    /// A database of generation 5 recorded bases as `template:IMAGE/KEY` and
+    /// `snapshot:NAME`; migration 6 makes them typed, and the VMs on a base are found again.
+    #[test]
+    fn migration_6_types_the_bases_of_an_old_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let conn = schema_of_generation(&path, 5);
+            for (id, base) in [
+                ("t", Some("template:default/1c-256m-nonet-0123abcd")),
+                ("s", Some("snapshot:keep")),
+                ("n", None),
+                ("odd", Some("floppy:disk")),
+            ] {
+                conn.execute(
+                    "INSERT INTO vms (id, state, config, dir, created_at, base) \
+                     VALUES (?1, 'stopped', '{}', '/x', 1, ?2)",
+                    params![id, base],
+                )
+                .unwrap();
+            }
+        }
+        let s = Store::open(&path).unwrap();
+        let base = |id: &str| s.get(id).unwrap().unwrap().base;
+        assert_eq!(
+            base("t"),
+            Some(Base::template("default", "1c-256m-nonet-0123abcd"))
+        );
+        assert_eq!(base("s"), Some(Base::snapshot("keep")));
+        assert_eq!(base("n"), None);
+        assert_eq!(s.vms_on_base(&Base::snapshot("keep")).unwrap(), ["s"]);
+        // Shown as it always was.
+        assert_eq!(
+            base("t").unwrap().to_string(),
+            "template:default/1c-256m-nonet-0123abcd"
+        );
+        // A value of no known form is not guessed at: the row reads as corrupt, naming it.
+        let e = s.get("odd").unwrap_err();
+        assert!(
+            matches!(&e, Error::CorruptRecord { id, what } if id == "odd" && what.contains("floppy:disk")),
+            "{e}"
+        );
+    }
+
+    /// A row whose config, state or another column does not read is an error naming the VM,
+    /// never a record of defaults; listing gives the others and the broken ones apart.
+    #[test]
+    fn a_corrupt_row_is_an_error_naming_the_vm_and_the_others_still_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        for id in ["good", "cfg", "state", "accel", "ip"] {
+            s.insert(&rec(id)).unwrap();
+        }
+        for (id, sql) in [
+            (
+                "cfg",
+                "UPDATE vms SET config='{\"vcpu_count\": \"many\"' WHERE id=?1",
+            ),
+            ("state", "UPDATE vms SET state='exploded' WHERE id=?1"),
+            ("accel", "UPDATE vms SET accelerator='hvf' WHERE id=?1"),
+            ("ip", "UPDATE vms SET ip='not-an-ip' WHERE id=?1"),
+        ] {
+            s.conn.execute(sql, params![id]).unwrap();
+        }
+        for (id, needle) in [
+            ("cfg", "config"),
+            ("state", "exploded"),
+            ("accel", "hvf"),
+            ("ip", "not-an-ip"),
+        ] {
+            let e = s.get(id).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                matches!(&e, Error::CorruptRecord { id: got, .. } if got == id),
+                "{text}"
+            );
+            assert!(text.contains(needle), "{text}");
+            assert!(text.contains(&format!("smolvm rm {id}")), "{text}");
+        }
+        let (good, bad) = s.list().unwrap();
+        assert_eq!(
+            good.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["good"]
+        );
+        let mut names: Vec<_> = bad.iter().map(|c| c.id.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["accel", "cfg", "ip", "state"]);
+        assert!(bad.iter().all(|c| c.dir == Path::new("/nonexistent")));
+        // Its directory is still found, and the row can be removed.
+        assert_eq!(
+            s.locate("cfg").unwrap(),
+            Some(PathBuf::from("/nonexistent"))
+        );
+        s.delete("cfg").unwrap();
+        assert_eq!(s.locate("cfg").unwrap(), None);
     }
 
     #[test]
@@ -817,8 +1220,8 @@ mod tests {
         // Past the first /24, and recorded in the row.
         assert_eq!(s.address_of("vm-299").unwrap(), Some(addr_at(301)));
         assert_eq!(
-            s.get("vm-299").unwrap().unwrap().ip.as_deref(),
-            Some("172.16.1.45")
+            s.get("vm-299").unwrap().unwrap().ip,
+            Some(Ipv4Addr::new(172, 16, 1, 45))
         );
         // Freed addresses are reused, lowest first.
         s.delete("vm-10").unwrap();
@@ -887,7 +1290,7 @@ mod tests {
             for h in handles {
                 h.join().unwrap();
             }
-            assert_eq!(Store::open(&path).unwrap().list().unwrap().len(), 8);
+            assert_eq!(Store::open(&path).unwrap().list().unwrap().0.len(), 8);
         }
     }
 }

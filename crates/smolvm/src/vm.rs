@@ -1,7 +1,7 @@
 //! The public Rust API: a [`Runtime`] creates and finds VMs; a [`Vm`] is a handle on one.
 //! Handles are cheap; dropping one leaves the VM running (its supervisor owns it).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::exec::{ExecOptions, ExecOutput};
 use crate::hypervisor::{Accelerator, LaunchSpec};
 use crate::paths::{create_private_dir, Paths};
-use crate::store::{Owner, Store, VmRecord, VmState};
+use crate::store::{Base, Owner, Store, VmRecord, VmState};
 use crate::supervisor::files;
 use crate::supervisor::spawn::LaunchError;
 
@@ -49,9 +49,8 @@ pub struct StartTimings {
     pub guest: HelloReply,
     /// The VM was already running; nothing was started.
     pub already_running: bool,
-    /// The saved state it resumed from (`template:...`, `snapshot:NAME`), if it did not
-    /// boot cold.
-    pub restored: Option<String>,
+    /// The saved state it resumed from, if it did not boot cold.
+    pub restored: Option<Base>,
 }
 
 /// What a VM boots: kernel, initramfs and the base its disk is made from.
@@ -133,6 +132,16 @@ impl Runtime {
         self.create_with_owner(config, Owner::current())
     }
 
+    /// Creates a VM (belonging to `owner`, if any: see [`Runtime::create_ephemeral`]) and
+    /// starts it; a VM that does not start is deleted, so an error leaves nothing.
+    pub fn create_started(
+        &self,
+        config: VmConfig,
+        owner: Option<Owner>,
+    ) -> Result<(Vm, StartTimings)> {
+        start_or_delete(self.create_with_owner(config, owner)?)
+    }
+
     pub(crate) fn boot_files(&self, config: &VmConfig) -> Result<BootFiles> {
         let explicit = config.kernel_path.is_some()
             && config.initrd_path.is_some()
@@ -188,24 +197,7 @@ impl Runtime {
             let dir = self.paths().vm_dir(&id);
             let mut cfg = config.clone();
             cfg.vm_id = Some(id.clone());
-            let rec = VmRecord {
-                id: id.clone(),
-                state: VmState::Created,
-                config: cfg,
-                dir: dir.display().to_string(),
-                supervisor_pid: None,
-                qemu_pid: None,
-                accelerator: None,
-                error: None,
-                created_at: crate::util::now_unix(),
-                started_at: None,
-                disk_path: String::new(),
-                api_socket: dir.join(files::API_SOCK).display().to_string(),
-                owner,
-                ip: None,
-                stopped_at: None,
-                base: None,
-            };
+            let rec = VmRecord::new(&id, cfg, &dir, owner);
             match self.store().insert(&rec) {
                 Ok(()) => break (id, dir),
                 Err(Error::VmExists(_)) if !explicit && attempt < 5 => attempt += 1,
@@ -241,7 +233,7 @@ impl Runtime {
             if config.network == NetworkMode::Nat {
                 self.store().allocate_address(&id)?;
             }
-            self.store().set_disk(&id, &disk.display().to_string())
+            self.store().set_disk(&id, &disk)
         })();
         if let Err(e) = made {
             let _ = crate::cleanup::remove_dir(&dir);
@@ -290,16 +282,17 @@ impl Runtime {
         }
     }
 
-    /// A handle on an existing VM.
+    /// A handle on an existing VM (also on one whose record does not read: it can still
+    /// be deleted).
     pub fn get(&self, id: &str) -> Result<Vm> {
-        let rec = self
+        let dir = self
             .store()
-            .get(id)?
+            .locate(id)?
             .ok_or_else(|| Error::VmNotFound(id.to_string()))?;
         Ok(Vm {
             rt: self.clone(),
-            id: rec.id,
-            dir: PathBuf::from(rec.dir),
+            id: id.to_string(),
+            dir,
         })
     }
 
@@ -308,22 +301,34 @@ impl Runtime {
         f(&self.store())
     }
 
-    /// Every VM, with states reconciled against reality (a dead supervisor is an error,
-    /// never "running").
+    /// Every VM whose record reads, with states reconciled against reality (a dead
+    /// supervisor is an error, never "running"). A VM whose record does not read is left
+    /// out (with a warning in the log); [`Runtime::list_all`] names them.
     pub fn list(&self) -> Result<Vec<VmInfo>> {
-        let records = self.store().list()?;
+        let (vms, corrupt) = self.list_all()?;
+        for e in corrupt {
+            tracing::warn!("{e}");
+        }
+        Ok(vms)
+    }
+
+    /// [`Runtime::list`], and apart an [`Error::CorruptRecord`] for each VM whose record
+    /// does not read (`smolvm rm ID` removes such a VM: [`Vm::delete`] works on it).
+    pub fn list_all(&self) -> Result<(Vec<VmInfo>, Vec<Error>)> {
+        let (records, corrupt) = self.store().list()?;
         let mut forwards = self.forwards_by_vm()?;
-        Ok(records
+        let vms = records
             .into_iter()
             .map(|r| VmInfo {
                 forwards: forwards.remove(&r.id).unwrap_or_default(),
                 record: self.reconcile(r),
             })
-            .collect())
+            .collect();
+        Ok((vms, corrupt.iter().map(|c| c.error()).collect()))
     }
 
     fn reconcile(&self, mut r: VmRecord) -> VmRecord {
-        if r.state.is_live() && !crate::supervisor::is_running(Path::new(&r.dir)) {
+        if r.state.is_live() && !crate::supervisor::is_running(&r.dir) {
             let why = format!(
                 "its supervisor (pid {}) is gone; `smolvm gc` cleans up, `smolvm start {}` boots it again",
                 r.supervisor_pid.unwrap_or(0),
@@ -346,7 +351,7 @@ impl Runtime {
 
 /// What [`Vm::remove`] left: the removed VM's base, and its disk if retained.
 struct Removed {
-    base: Option<String>,
+    base: Option<Base>,
     kept: Option<PathBuf>,
 }
 
@@ -451,7 +456,7 @@ impl Vm {
             }
         };
         let boot = self.rt.boot_files(&rec.config)?;
-        let disk_path = PathBuf::from(&rec.disk_path);
+        let disk_path = rec.disk_path.clone();
         if !disk_path.is_file() {
             return Err(Error::Disk(format!(
                 "the disk of VM {} ({}) is missing; delete the VM with `smolvm rm {}`",
@@ -476,9 +481,7 @@ impl Vm {
         let spec = self.launch_spec(&rec, &boot, disk_path, &host, point.as_ref(), nat)?;
         let restored_from = point.as_ref().map(|p| p.base.clone());
         if let Some(net) = &spec.guest_net {
-            self.rt
-                .store()
-                .set_ip(&self.id, Some(&net.addr.to_string()))?;
+            self.rt.store().set_ip(&self.id, Some(net.addr))?;
         }
         // A fresh console log per boot.
         let _ = std::fs::remove_file(self.console_log());
@@ -747,7 +750,11 @@ impl Vm {
 
     /// Stops the VM and removes it; returns its base and where its disk was retained.
     fn remove(&self) -> Result<Removed> {
-        let rec = self.info()?;
+        let rec = match self.info() {
+            Ok(rec) => rec,
+            Err(e @ Error::CorruptRecord { .. }) => return self.purge(&e),
+            Err(e) => return Err(e),
+        };
         // A disk that is kept must be consistent: shut the guest down cleanly first.
         self.stop(rec.config.retain_disk_on_delete)?;
         // Hold the VM's lock while its files go (`qemu-img` rewrites a disk that is kept):
@@ -761,6 +768,29 @@ impl Vm {
         Ok(Removed {
             base: rec.base,
             kept,
+        })
+    }
+
+    /// Removes a VM whose record does not read: its processes, network, directory and row.
+    /// Its config is unknown, so its disk is not retained.
+    fn purge(&self, why: &Error) -> Result<Removed> {
+        tracing::warn!(id = %self.id, "removing a VM whose record does not read: {why}");
+        crate::cleanup::kill_vm_processes(&self.dir);
+        let _lock = self.dir.is_dir().then(|| {
+            crate::supervisor::lock_within(&self.dir, crate::supervisor::LOCK_RETRY)
+                .ok()
+                .flatten()
+        });
+        let store = self.rt.store();
+        crate::cleanup::remove_network(&store, &self.id)?;
+        let vms_dir = self.rt.paths().vms_dir();
+        if self.dir.starts_with(&vms_dir) && self.dir != vms_dir {
+            crate::cleanup::remove_dir(&self.dir)?;
+        }
+        store.delete(&self.id)?;
+        Ok(Removed {
+            base: None,
+            kept: None,
         })
     }
 
@@ -837,6 +867,20 @@ pub(crate) use crate::launch::ready_timeout_secs;
 /// Longest the supervisor of a template that did not resume may take to exit.
 const TEMPLATE_SUPERVISOR_EXIT: Duration = Duration::from_secs(5);
 
+/// Starts a VM just made; deletes it when it does not start (the start's error is the one
+/// returned).
+pub(crate) fn start_or_delete(vm: Vm) -> Result<(Vm, StartTimings)> {
+    match vm.start() {
+        Ok(t) => Ok((vm, t)),
+        Err(e) => {
+            if let Err(d) = vm.delete() {
+                tracing::warn!(id = %vm.id(), "could not delete the VM that did not start: {d}");
+            }
+            Err(e)
+        }
+    }
+}
+
 /// Why a start failed: plainly, or because its template did not resume (then the caller
 /// boots cold).
 enum StartError {
@@ -854,7 +898,10 @@ impl StartError {
     fn into_error(self) -> Error {
         match self {
             StartError::Plain(e) => e,
-            StartError::Template(p, reason) => Error::StartFailed { id: p.base, reason },
+            StartError::Template(p, reason) => Error::StartFailed {
+                id: p.base.to_string(),
+                reason,
+            },
         }
     }
 }

@@ -144,28 +144,34 @@ class SmolVM:
         """A new running VM that continues from snapshot ``name`` (see :meth:`snapshot`):
         its memory, processes and files as they were, with its own identity (hostname,
         address, randomness). It is configured like the snapshot's VM; ``overrides`` are
-        :class:`VMConfig` fields set over that (``network``, ``env_vars``, ``vm_id``,
-        ...), but the shape (``vcpu_count``, ``mem_size_mib``) and image stay the
-        snapshot's: another value raises :class:`~smolvm.exceptions.ValidationError`
-        naming the field and nothing is created. A missing snapshot raises
-        :class:`~smolvm.exceptions.SnapshotNotFoundError`.
+        :class:`VMConfig` fields, each honoured or refused by one rule (the same as
+        ``smolvm create --from-snapshot``'s):
+
+        - ``vm_id``, ``retain_disk_on_delete``, ``egress``, ``allow_egress``,
+          ``deny_egress`` apply; ``env_vars`` are set on top of the environment the saved
+          guest already has;
+        - ``network`` applies within what the saved network device allows (a snapshot taken
+          on ``"nat"`` restores on ``"nat"`` only, one without a network device on
+          ``"none"`` only); ``"auto"`` keeps the snapshot's;
+        - ``vcpu_count``, ``mem_size_mib``, ``image``, ``kernel_path``, ``initrd_path``,
+          ``rootfs_path``, ``boot_args`` and ``disk_size_mib`` must be the snapshot's own
+          (the saved memory, kernel command line and disk fix them); ``disk_mode`` must be
+          ``"isolated"``, ``snapshot`` True, and ``disk_path`` is refused.
+
+        A refused option raises :class:`~smolvm.exceptions.ValidationError` naming it
+        (``field``) and nothing is created; a missing snapshot raises
+        :class:`~smolvm.exceptions.SnapshotNotFoundError`. A VM that does not start is
+        deleted.
 
         Lifetime as for ``SmolVM()``: without ``vm_id`` it belongs to this process."""
         owned = overrides.get("vm_id") is None
-        native = _native.Vm.create_from_snapshot(name, overrides, owned)
+        native, timings = _native.Vm.create_started_from_snapshot(name, overrides, owned)
         vm = cls._wrap(
             native,
             owner=True,
             ssh_key_path=os.fspath(ssh_key_path) if ssh_key_path is not None else None,
         )
-        try:
-            vm.start()
-        except BaseException:
-            try:
-                native.delete()
-            except Exception:  # noqa: BLE001  (the start's error is the one to see)
-                pass
-            raise
+        vm.last_start_timings = timings
         return vm
 
     # -- identity and state ----------------------------------------------------------

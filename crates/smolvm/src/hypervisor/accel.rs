@@ -19,6 +19,9 @@ pub enum Accelerator {
 }
 
 impl Accelerator {
+    /// Every accelerator.
+    pub const ALL: [Accelerator; 3] = [Accelerator::Kvm, Accelerator::Tcg, Accelerator::None];
+
     /// Lowercase name (`kvm`, `tcg`).
     pub fn as_str(self) -> &'static str {
         match self {

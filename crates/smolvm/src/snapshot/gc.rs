@@ -52,7 +52,7 @@ impl Runtime {
         for s in super::list(self.paths()).unwrap_or_default() {
             // A fresh one may be a fork in progress whose VMs are being made.
             if s.meta.kind == Kind::Fork && now - s.meta.created_at > FORK_GRACE_SECS {
-                let base = super::snapshot_base(&s.meta.name);
+                let base = crate::store::Base::snapshot(&s.meta.name);
                 let unused = self
                     .store()
                     .vms_on_base(&base)

@@ -8,6 +8,7 @@
 
 mod gc;
 pub mod ops;
+pub mod overrides;
 pub mod template;
 
 use std::path::{Path, PathBuf};
@@ -165,11 +166,6 @@ fn read_bounded(path: &Path) -> Result<String> {
 /// Directory of named snapshots.
 pub fn snapshots_dir(paths: &Paths) -> PathBuf {
     paths.state_dir.join("snapshots")
-}
-
-/// The reference a VM built on this snapshot records (see [`crate::VmRecord::base`]).
-pub fn snapshot_base(name: &str) -> String {
-    format!("snapshot:{name}")
 }
 
 /// Checks a snapshot name: 1 to 63 of `a-z A-Z 0-9 . _ -`, starting with a letter or digit.

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use smolvm_protocol::ApiRequest;
 
+use super::overrides::SnapshotOverrides;
 use super::template::{self, Recipe};
 use super::{files, Kind, Saved, SavedState};
 use crate::config::{DiskMode, NetworkMode, VmConfig};
@@ -12,7 +13,7 @@ use crate::error::{io_err, Error, Result};
 use crate::hypervisor::qemu::QemuMicrovm;
 use crate::hypervisor::{AccelReport, LaunchSpec};
 use crate::paths::create_private_dir;
-use crate::store::{Owner, VmRecord};
+use crate::store::{Base, VmRecord};
 use crate::supervisor::files as vm_files;
 use crate::vm::{BootFiles, Runtime, Vm};
 
@@ -23,14 +24,17 @@ pub const MAX_FORKS: usize = 64;
 pub(crate) struct ResumePoint {
     /// The saved state.
     pub saved: Saved,
-    /// What the VM records as its base (`template:IMAGE/KEY` or `snapshot:NAME`).
-    pub base: String,
+    /// What the VM records as its base.
+    pub base: Base,
 }
 
 impl ResumePoint {
     /// The template's image and key, when it is one.
     pub fn template(&self) -> Option<(&str, &str)> {
-        template::parse_base(&self.base)
+        match &self.base {
+            Base::Template { image, key } => Some((image, key)),
+            Base::Snapshot { .. } => None,
+        }
     }
 }
 
@@ -99,7 +103,7 @@ impl Runtime {
             }),
             other => Err(other),
         })?;
-        let users = self.store().vms_on_base(&super::snapshot_base(name))?;
+        let users = self.store().vms_on_base(&Base::snapshot(name))?;
         if !users.is_empty() {
             return Err(Error::BadState {
                 id: name.to_string(),
@@ -111,8 +115,8 @@ impl Runtime {
     }
 
     /// Removes a fork's saved state once no VM builds on it.
-    pub(crate) fn release_fork_state(&self, base: &str) {
-        let Some(name) = base.strip_prefix("snapshot:") else {
+    pub(crate) fn release_fork_state(&self, base: &Base) {
+        let Base::Snapshot { name } = base else {
             return;
         };
         let Ok(saved) = super::open_named(self.paths(), name) else {
@@ -130,90 +134,30 @@ impl Runtime {
         }
     }
 
-    /// The config a VM made from `saved` starts from: the source VM's (shape, image, disk),
-    /// without its id or environment values (the guest already has them).
-    pub fn config_from_snapshot(&self, saved: &Saved) -> VmConfig {
-        let mut c = saved.meta.config.clone().unwrap_or_default();
-        c.vm_id = None;
-        c.env_vars.clear();
-        c.snapshot = true;
-        c.vcpu_count = saved.meta.vcpus;
-        c.mem_size_mib = saved.meta.mem_mib;
-        if !saved.meta.nic {
-            c.network = NetworkMode::None;
-        }
-        c
+    /// Creates (does not start) a VM that will resume from the named snapshot at its first
+    /// start, with `overrides` over the snapshot's config by the rules of
+    /// [`SnapshotOverrides`]: an option that cannot apply is refused naming it, and nothing
+    /// is created.
+    pub fn create_from_snapshot(&self, name: &str, overrides: SnapshotOverrides) -> Result<Vm> {
+        let saved = super::open_named(self.paths(), name)?;
+        self.create_from_saved(&saved, &overrides)
     }
 
-    /// Creates (does not start) a VM that will resume from the named snapshot at its first
-    /// start. `config` must keep the snapshot's shape (see [`Runtime::config_from_snapshot`]);
-    /// anything that cannot differ is refused naming the field, and nothing is created.
-    pub fn create_from_snapshot(
+    /// [`Runtime::create_from_snapshot`], then [`Vm::start`]; a VM that does not start is
+    /// deleted.
+    pub fn create_started_from_snapshot(
         &self,
         name: &str,
-        config: VmConfig,
-        owner: Option<Owner>,
-    ) -> Result<Vm> {
-        let saved = super::open_named(self.paths(), name)?;
-        self.create_from_saved(&saved, config, owner)
+        overrides: SnapshotOverrides,
+    ) -> Result<(Vm, crate::vm::StartTimings)> {
+        crate::vm::start_or_delete(self.create_from_snapshot(name, overrides)?)
     }
 
-    fn create_from_saved(
-        &self,
-        saved: &Saved,
-        config: VmConfig,
-        owner: Option<Owner>,
-    ) -> Result<Vm> {
+    fn create_from_saved(&self, saved: &Saved, overrides: &SnapshotOverrides) -> Result<Vm> {
+        let config = overrides.merge(&saved.meta)?;
         let config = crate::vm::resolve_network(config)?;
+        let owner = overrides.owner;
         let m = &saved.meta;
-        let mismatch = |field: &'static str, value: String, want: String| Error::InvalidConfig {
-            field,
-            value,
-            allowed: format!(
-                "{want}, as in snapshot {:?} (a restored VM keeps the shape it was saved with)",
-                m.name
-            ),
-        };
-        if config.vcpu_count != m.vcpus {
-            return Err(mismatch(
-                "vcpu_count",
-                config.vcpu_count.to_string(),
-                m.vcpus.to_string(),
-            ));
-        }
-        if config.mem_size_mib != m.mem_mib {
-            return Err(mismatch(
-                "mem_size_mib",
-                config.mem_size_mib.to_string(),
-                m.mem_mib.to_string(),
-            ));
-        }
-        if config.disk_mode != DiskMode::Isolated || config.disk_path.is_some() {
-            return Err(mismatch(
-                "disk_mode",
-                config.disk_mode.to_string(),
-                "isolated, with no disk_path".into(),
-            ));
-        }
-        // A guest saved on a TAP negotiated virtio-net features (vnet_hdr) only a TAP has.
-        let saved_on_nat = m
-            .config
-            .as_ref()
-            .is_some_and(|c| c.network == NetworkMode::Nat);
-        if saved_on_nat && config.network != NetworkMode::Nat {
-            return Err(mismatch(
-                "network",
-                config.network.to_string(),
-                "nat (the snapshot was taken on nat networking)".into(),
-            ));
-        }
-        if !m.nic && config.network != NetworkMode::None {
-            return Err(mismatch(
-                "network",
-                config.network.to_string(),
-                "none (the snapshot has no network device)".into(),
-            ));
-        }
         let vm = self.create_with_owner(config, owner)?;
         let rebased = (|| {
             // Held while the disk is remade, so `gc` takes the `qemu-img` at work for no
@@ -231,7 +175,7 @@ impl Runtime {
             // The snapshot holds its own link to the image's root file system.
             let _ = std::fs::remove_file(vm.dir().join(crate::disk::ROOTFS_LINK));
             self.store()
-                .set_base(vm.id(), Some(&super::snapshot_base(&m.name)))
+                .set_base(vm.id(), Some(&Base::snapshot(&m.name)))
         })();
         if let Err(e) = rebased {
             let _ = vm.delete();
@@ -267,7 +211,7 @@ fn placeholder(name: &str) -> SavedState {
 /// then depends on no file of the template, which may be evicted or rebuilt at any time.
 fn adopt_template_disk(rec: &VmRecord, template_disk: &Path, rootfs: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let overlay = PathBuf::from(&rec.disk_path);
+    let overlay = &rec.disk_path;
     let fresh = overlay.with_extension("new");
     let _ = std::fs::remove_file(&fresh);
     let made = (|| {
@@ -278,7 +222,7 @@ fn adopt_template_disk(rec: &VmRecord, template_disk: &Path, rootfs: &Path) -> R
         std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o600))
             .map_err(io_err(format!("making {} writable", fresh.display())))?;
         crate::disk::set_backing(&fresh, rootfs, crate::disk::detect_format(rootfs)?)?;
-        std::fs::rename(&fresh, &overlay).map_err(io_err(format!(
+        std::fs::rename(&fresh, overlay).map_err(io_err(format!(
             "replacing the overlay {}",
             overlay.display()
         )))
@@ -291,11 +235,11 @@ fn adopt_template_disk(rec: &VmRecord, template_disk: &Path, rootfs: &Path) -> R
 
 /// Replaces a VM's never-used overlay with one on `backing` (a saved state's disk).
 fn rebase_overlay(rec: &VmRecord, backing: &std::path::Path) -> Result<()> {
-    let overlay = PathBuf::from(&rec.disk_path);
+    let overlay = &rec.disk_path;
     let fresh = overlay.with_extension("new");
     let _ = std::fs::remove_file(&fresh);
     crate::disk::create_overlay(backing, &fresh, None)?;
-    std::fs::rename(&fresh, &overlay).map_err(io_err(format!(
+    std::fs::rename(&fresh, overlay).map_err(io_err(format!(
         "replacing the overlay {}",
         overlay.display()
     )))
@@ -315,13 +259,13 @@ impl Vm {
             return Ok(None);
         }
         let rt = &self.rt;
-        if let Some(base) = rec.base.as_deref() {
-            if let Some(name) = base.strip_prefix("snapshot:") {
+        if let Some(base) = &rec.base {
+            if let Base::Snapshot { name } = base {
                 let saved = super::open_named(rt.paths(), name)?;
                 check_loadable(&saved, boot, accel)?;
                 return Ok(Some(ResumePoint {
                     saved,
-                    base: base.to_string(),
+                    base: base.clone(),
                 }));
             }
             // A template base means an earlier first start failed: the disk is made anew
@@ -333,7 +277,7 @@ impl Vm {
         let Some(image_rootfs) = boot.base.as_deref() else {
             return Ok(None);
         };
-        let own = Path::new(&rec.dir).join(crate::disk::ROOTFS_LINK);
+        let own = rec.dir.join(crate::disk::ROOTFS_LINK);
         if own.exists() && !crate::disk::same_file(&own, image_rootfs) {
             // The image was rebuilt since this VM was made: it keeps the root file system
             // it was made with, and no template of the new one fits that.
@@ -353,7 +297,7 @@ impl Vm {
             image_rootfs.to_path_buf()
         };
         adopt_template_disk(rec, &saved.disk(), &backing)?;
-        let base = template::base_ref(&rec.config.image, &saved.meta.name);
+        let base = Base::template(&rec.config.image, &saved.meta.name);
         rt.store().set_base(self.id(), Some(&base))?;
         Ok(Some(ResumePoint { saved, base }))
     }
@@ -409,15 +353,17 @@ impl Vm {
         crate::util::random_bytes(&mut tag);
         let name = format!("fork-{}-{}", self.id(), hex::encode(tag));
         let saved = self.save_state(&name, Kind::Fork)?;
-        let mut config = self.rt.config_from_snapshot(&saved);
-        config.network = rec.config.network;
+        let overrides = SnapshotOverrides {
+            network: Some(rec.config.network),
+            owner: rec.owner,
+            ..Default::default()
+        };
         let made: Vec<Result<Vm>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..n)
                 .map(|_| {
-                    let config = config.clone();
-                    let saved = &saved;
+                    let (saved, overrides) = (&saved, &overrides);
                     s.spawn(move || {
-                        let vm = self.rt.create_from_saved(saved, config, rec.owner)?;
+                        let vm = self.rt.create_from_saved(saved, overrides)?;
                         match vm.start() {
                             Ok(_) => Ok(vm),
                             Err(e) => {
@@ -443,7 +389,7 @@ impl Vm {
             for vm in &vms {
                 let _ = vm.delete();
             }
-            self.rt.release_fork_state(&super::snapshot_base(&name));
+            self.rt.release_fork_state(&Base::snapshot(&name));
             return Err(e);
         }
         Ok(vms)

@@ -93,16 +93,6 @@ pub fn key(c: &VmConfig, accel: &AccelReport, stamp: &str) -> String {
     )
 }
 
-/// The reference a VM built on a template records (see [`crate::VmRecord::base`]).
-pub fn base_ref(image: &str, key: &str) -> String {
-    format!("template:{image}/{key}")
-}
-
-/// The image and key named by a template reference.
-pub fn parse_base(base: &str) -> Option<(&str, &str)> {
-    base.strip_prefix("template:")?.split_once('/')
-}
-
 /// What a template is made from.
 pub(crate) struct Recipe<'a> {
     /// The VM config (its shape).
@@ -488,10 +478,6 @@ mod tests {
         let mut other_clock = accel();
         other_clock.tsc_khz = Some(other_clock.tsc_khz.unwrap_or(1) + 1);
         assert_ne!(k, key(&c, &other_clock, "s1"));
-        assert_eq!(
-            parse_base(&base_ref("default", &k)),
-            Some(("default", k.as_str()))
-        );
     }
 
     #[test]

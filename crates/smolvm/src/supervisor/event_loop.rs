@@ -67,7 +67,7 @@ pub(super) async fn run<V: Vmm>(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> 
         .map_err(io_err(format!("listening on {}", api_path.display())))?;
     let record = Record::open(&spec.db_path, &spec.id)?;
     record
-        .set_running(std::process::id(), vmm.pid(), spec.accelerator.as_str())
+        .set_running(std::process::id(), vmm.pid(), spec.accelerator)
         .await?;
     tracing::info!(id = %spec.id, "recorded as running");
     // The VM's recorded port forwards come back with it.

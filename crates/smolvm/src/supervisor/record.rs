@@ -45,7 +45,7 @@ impl Record {
         &self,
         supervisor_pid: u32,
         vmm_pid: u32,
-        accel: &'static str,
+        accel: crate::hypervisor::Accelerator,
     ) -> Result<()> {
         self.call(move |s, id| s.set_running(id, supervisor_pid, vmm_pid, accel))
             .await
