@@ -296,7 +296,7 @@ async fn accept(l: &UnixListener, what: &str, timeout: Duration) -> Result<UnixS
         Ok(Err(e)) => Err(io_err(format!("accepting QEMU's {what} connection"))(e)),
         Err(_) => Err(Error::Timeout {
             what: format!("QEMU to connect its {what}"),
-            secs: timeout.as_secs_f64(),
+            secs: Some(timeout.as_secs_f64()),
         }),
     }
 }
@@ -584,7 +584,7 @@ async fn run(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> {
             }
             Some((what, done)) = control_rx.recv() => {
                 let r = control(&mut qmp, &mut paused, what, spec, &store).await;
-                let _ = done.send(r.map_err(|e| e.to_string()));
+                let _ = done.send(r.map_err(Error::into_wire));
             }
             req = stop_rx.recv() => {
                 let (graceful_ms, done) = match req {
@@ -786,9 +786,10 @@ pub fn supervisor_binary() -> Result<PathBuf> {
             }
         }
     }
-    crate::util::which("smolvm").ok_or_else(|| Error::StartFailed {
-        id: String::new(),
-        reason: "cannot find the `smolvm` binary that runs VM supervisors; put it on PATH or set SMOLVM_BIN".into(),
+    crate::util::which("smolvm").ok_or(Error::MissingBinary {
+        binary: "smolvm",
+        purpose: "that runs VM supervisors",
+        hint: "put it on PATH or set SMOLVM_BIN",
     })
 }
 
