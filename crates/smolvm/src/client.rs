@@ -125,7 +125,7 @@ impl ApiClient {
 
     /// The error a [`WireError`] from the supervisor becomes, chosen by its kind (and, for
     /// the kinds that belong to what was asked, by the request's domain); never by its text.
-    fn from_wire(&self, e: WireError, domain: Domain) -> Error {
+    fn wire_error(&self, e: WireError, domain: Domain) -> Error {
         let WireError { kind, message } = e;
         match (kind, domain) {
             (ErrorKind::GuestGone, _) => self.gone(message),
@@ -206,7 +206,7 @@ impl ApiClient {
                     return Err(mismatch(r.api_version));
                 }
                 if let Some(e) = r.refused {
-                    return Err(self.from_wire(e, Domain::Guest));
+                    return Err(self.wire_error(e, Domain::Guest));
                 }
             }
             // No hello came back: a supervisor from before API versions, which answers a
@@ -232,7 +232,7 @@ impl ApiClient {
     pub fn status(&self) -> Result<VmStatus> {
         match self.request(&ApiRequest::Status, Duration::from_secs(5))? {
             ApiReply::Status(s) => Ok(s),
-            ApiReply::Error(e) => Err(self.from_wire(e, Domain::Guest)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Guest)),
             _ => Err(self.gone("unexpected reply to status")),
         }
     }
@@ -244,7 +244,7 @@ impl ApiClient {
         };
         match self.request(&req, graceful + Duration::from_secs(10))? {
             ApiReply::Ok => Ok(()),
-            ApiReply::Error(e) => Err(self.from_wire(e, Domain::Guest)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Guest)),
             _ => Err(self.gone("unexpected reply to stop")),
         }
     }
@@ -253,7 +253,7 @@ impl ApiClient {
     pub fn control(&self, req: &ApiRequest) -> Result<()> {
         match self.request(req, Duration::from_secs(160))? {
             ApiReply::Ok => Ok(()),
-            ApiReply::Error(e) => Err(self.from_wire(e, Domain::Control)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Control)),
             _ => Err(self.gone("unexpected reply to a pause, resume or snapshot")),
         }
     }
@@ -262,7 +262,7 @@ impl ApiClient {
     pub fn env(&self, update: EnvUpdate) -> Result<Vec<(String, String)>> {
         match self.request(&ApiRequest::Env(update), Duration::from_secs(20))? {
             ApiReply::Env(vars) => Ok(vars),
-            ApiReply::Error(e) => Err(self.from_wire(e, Domain::Guest)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Guest)),
             _ => Err(self.gone("unexpected reply to an environment request")),
         }
     }
@@ -282,7 +282,7 @@ impl ApiClient {
         };
         match self.request(&req, Duration::from_secs(10))? {
             ApiReply::Forward(info) => Ok(info),
-            ApiReply::Error(e) => Err(self.from_wire(e, Domain::Forward)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Forward)),
             _ => Err(self.gone("unexpected reply to a port forward request")),
         }
     }
@@ -291,7 +291,7 @@ impl ApiClient {
     pub fn unexpose(&self, host_port: u16) -> Result<()> {
         match self.request(&ApiRequest::Unexpose { host_port }, Duration::from_secs(10))? {
             ApiReply::Ok => Ok(()),
-            ApiReply::Error(e) => Err(self.from_wire(e, Domain::Forward)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Forward)),
             _ => Err(self.gone("unexpected reply to a port forward removal")),
         }
     }
@@ -300,7 +300,7 @@ impl ApiClient {
     pub fn forwards(&self) -> Result<Vec<ForwardInfo>> {
         match self.request(&ApiRequest::Forwards, Duration::from_secs(5))? {
             ApiReply::Forwards(list) => Ok(list),
-            ApiReply::Error(e) => Err(self.from_wire(e, Domain::Forward)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Forward)),
             _ => Err(self.gone("unexpected reply to a port forward listing")),
         }
     }
@@ -350,7 +350,7 @@ impl ApiClient {
                 Ok(Some(GuestMessage::Stderr(b))) => sink(OutputStream::Stderr, &b),
                 Ok(Some(GuestMessage::Started { .. })) | Ok(Some(GuestMessage::Pong(_))) => {}
                 Ok(Some(GuestMessage::Exited(st))) => break Ok(st),
-                Ok(Some(GuestMessage::Error(e))) => break Err(self.from_wire(e, Domain::Guest)),
+                Ok(Some(GuestMessage::Error(e))) => break Err(self.wire_error(e, Domain::Guest)),
                 Ok(Some(GuestMessage::Hello(_) | GuestMessage::Env(_) | GuestMessage::Ok)) => {
                     break Err(self.gone("unexpected message on an exec stream"))
                 }
@@ -498,7 +498,9 @@ mod tests {
     /// whatever its text says.
     #[test]
     fn kinds_become_error_variants_without_reading_the_text() {
-        let cases: Vec<(ErrorKind, fn(&ApiClient) -> Error, fn(&Error) -> bool)> = vec![
+        type Ask = fn(&ApiClient) -> Error;
+        type Want = fn(&Error) -> bool;
+        let cases: Vec<(ErrorKind, Ask, Want)> = vec![
             (
                 ErrorKind::GuestGone,
                 |c| c.env(EnvUpdate::default()).unwrap_err(),
