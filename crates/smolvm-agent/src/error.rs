@@ -4,11 +4,13 @@ use std::io;
 use std::path::PathBuf;
 
 use nix::errno::Errno;
+use smolvm_protocol::{ErrorKind, WireError};
 
 /// Everything that can go wrong in the agent, from booting the guest to running a command.
 ///
-/// Variants that answer an exec request are shown to the host as-is
-/// (`GuestMessage::Error(err.to_string())`), so their messages are written for a user.
+/// Variants that answer a request are sent to the host as a `WireError` (see
+/// [`AgentError::to_wire`]): a kind the host acts on, and the message as-is, so their
+/// messages are written for a user.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The command line of the agent binary was wrong.
@@ -154,10 +156,52 @@ pub enum AgentError {
         program: String,
         /// The operating system's reason, e.g. "No such file or directory".
         reason: String,
+        /// What kind of failure it was (`NotFound`: no such program).
+        io_kind: io::ErrorKind,
     },
 }
 
 impl AgentError {
+    /// What kind of failure this is, for the host.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AgentError::Usage(_)
+            | AgentError::InterfaceName(_)
+            | AgentError::EmptyArgv
+            | AgentError::NulInArgument { .. }
+            | AgentError::InvalidEnvName { .. }
+            | AgentError::NulInEnvValue { .. }
+            | AgentError::EnvNameNotAllowed { .. }
+            | AgentError::EnvValueTooLong { .. }
+            | AgentError::EnvTooManyVariables { .. }
+            | AgentError::EnvTooLarge { .. }
+            | AgentError::CwdNotDirectory(_) => ErrorKind::InvalidInput,
+            AgentError::CwdMissing(_)
+            | AgentError::NoEthernet { .. }
+            | AgentError::RootDeviceMissing { .. }
+            | AgentError::AgentPortMissing { .. } => ErrorKind::NotFound,
+            AgentError::Spawn { io_kind, .. } => match io_kind {
+                io::ErrorKind::NotFound => ErrorKind::NotFound,
+                io::ErrorKind::PermissionDenied => ErrorKind::Refused,
+                _ => ErrorKind::Io,
+            },
+            AgentError::Protocol(smolvm_protocol::ProtocolError::Decode(_))
+            | AgentError::Protocol(smolvm_protocol::ProtocolError::InvalidBootParam { .. }) => {
+                ErrorKind::InvalidInput
+            }
+            AgentError::Protocol(_)
+            | AgentError::Sys { .. }
+            | AgentError::Io { .. }
+            | AgentError::Superblock { .. }
+            | AgentError::Session(_) => ErrorKind::Io,
+        }
+    }
+
+    /// The error as sent to the host: its kind and its message.
+    pub fn to_wire(&self) -> WireError {
+        WireError::new(self.kind(), self.to_string())
+    }
+
     /// A failed system call, described by what we were doing.
     pub fn sys(what: impl Into<String>, source: Errno) -> Self {
         Self::Sys {

@@ -42,7 +42,7 @@ pub async fn run(req: ExecRequest, transport: Transport, env: Arc<Vars>) {
     let (mut tx, rx) = transport.split();
     let last = match execute(&req, &env, &mut tx, rx).await {
         Ok(status) => GuestMessage::Exited(status),
-        Err(e) => GuestMessage::Error(e.to_string()),
+        Err(e) => GuestMessage::Error(e.to_wire()),
     };
     let _ = send(&mut tx, &last).await;
     let _ = tx.close().await;
@@ -159,6 +159,7 @@ async fn execute(
         return Err(AgentError::Spawn {
             program: "process".into(),
             reason: format!("pid {pid} out of range"),
+            io_kind: std::io::ErrorKind::Other,
         });
     };
     let group = GroupGuard(Some(pgid));

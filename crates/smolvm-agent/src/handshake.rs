@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::time::{clock_gettime, clock_settime, ClockId};
-use smolvm_protocol::{GuestMessage, Hello, HelloReply, PROTOCOL_VERSION};
+use smolvm_protocol::{ErrorKind, GuestMessage, Hello, HelloReply, WireError, PROTOCOL_VERSION};
 
 /// Most entropy bytes taken from one Hello; the rest is ignored.
 const MAX_ENTROPY: usize = 4096;
@@ -75,9 +75,12 @@ fn wait_for_boot_gate() {
 pub fn answer(hello: &Hello, apply: bool) -> GuestMessage {
     wait_for_boot_gate();
     if hello.protocol_version != PROTOCOL_VERSION {
-        return GuestMessage::Error(format!(
-            "protocol version mismatch: host speaks {}, agent speaks {PROTOCOL_VERSION}",
-            hello.protocol_version
+        return GuestMessage::Error(WireError::new(
+            ErrorKind::Refused,
+            format!(
+                "protocol version mismatch: host speaks {}, agent speaks {PROTOCOL_VERSION}",
+                hello.protocol_version
+            ),
         ));
     }
     if apply {
@@ -295,9 +298,12 @@ mod tests {
     fn refuses_another_version() {
         assert_eq!(
             answer(&hello(PROTOCOL_VERSION + 1), false),
-            GuestMessage::Error(format!(
-                "protocol version mismatch: host speaks {}, agent speaks {PROTOCOL_VERSION}",
-                PROTOCOL_VERSION + 1
+            GuestMessage::Error(WireError::new(
+                ErrorKind::Refused,
+                format!(
+                    "protocol version mismatch: host speaks {}, agent speaks {PROTOCOL_VERSION}",
+                    PROTOCOL_VERSION + 1
+                )
             ))
         );
     }

@@ -14,7 +14,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Sink, SinkExt, StreamExt};
 use smolvm_protocol::boot::GuestNet;
-use smolvm_protocol::{codec, decode, encode, EnvUpdate, GuestMessage, HostMessage};
+use smolvm_protocol::{
+    codec, decode, encode, EnvUpdate, ErrorKind, GuestMessage, HostMessage, WireError,
+};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
@@ -65,7 +67,10 @@ pub async fn handle(stream: yamux::Stream, ctx: Arc<Context>) {
     let mut transport = Framed::new(stream.compat(), codec());
     let first = match transport.next().await {
         None => return,
-        Some(Err(e)) => return refuse(transport, format!("unreadable request: {e}")).await,
+        Some(Err(e)) => {
+            let why = WireError::new(ErrorKind::Io, format!("unreadable request: {e}"));
+            return refuse(transport, why).await;
+        }
         Some(Ok(frame)) => frame,
     };
     match decode::<HostMessage>(&first) {
@@ -83,14 +88,17 @@ pub async fn handle(stream: yamux::Stream, ctx: Arc<Context>) {
                  Shutdown, Connect or Network",
                 kind(&other)
             );
+            refuse(transport, WireError::new(ErrorKind::InvalidInput, why)).await
+        }
+        Err(e) => {
+            let why = WireError::new(ErrorKind::InvalidInput, format!("malformed request: {e}"));
             refuse(transport, why).await
         }
-        Err(e) => refuse(transport, format!("malformed request: {e}")).await,
     }
 }
 
 /// Answers with an error and closes the stream.
-async fn refuse(mut transport: Transport, why: String) {
+async fn refuse(mut transport: Transport, why: WireError) {
     tracing::debug!("refusing a stream: {why}");
     let _ = send(&mut transport, &GuestMessage::Error(why)).await;
     close(&mut transport).await;
@@ -109,7 +117,7 @@ async fn env(mut transport: Transport, update: &EnvUpdate, ctx: &Context) {
         Ok(vars) => GuestMessage::Env(vars),
         Err(e) => {
             tracing::warn!("environment update refused: {e}");
-            GuestMessage::Error(e.to_string())
+            GuestMessage::Error(e.to_wire())
         }
     };
     let _ = send(&mut transport, &reply).await;
@@ -141,9 +149,12 @@ const NOT_APPLYING_IDENTITY: &str = "network not reconfigured: this agent does n
     the network of the machine it runs on (it was started without --apply-identity)";
 
 /// Carries out a `Network` request off the async thread, within [`NETWORK_LIMIT`].
-async fn reconfigure(guest_net: GuestNet, ctx: &Context) -> std::result::Result<(), String> {
+async fn reconfigure(guest_net: GuestNet, ctx: &Context) -> std::result::Result<(), WireError> {
     if !ctx.cfg.apply_identity {
-        return Err(NOT_APPLYING_IDENTITY.into());
+        return Err(WireError::new(
+            ErrorKind::Unsupported,
+            NOT_APPLYING_IDENTITY,
+        ));
     }
     let sys_class_net = ctx
         .cfg
@@ -165,11 +176,20 @@ async fn reconfigure(guest_net: GuestNet, ctx: &Context) -> std::result::Result<
             tracing::info!("{name} reconfigured: {summary}");
             Ok(())
         }
-        Ok(Ok(Err(e))) => Err(format!("network not reconfigured ({summary}): {e}")),
-        Ok(Err(e)) => Err(format!("network not reconfigured ({summary}): {e}")),
-        Err(_) => Err(format!(
-            "network not reconfigured ({summary}): it took longer than {} s",
-            NETWORK_LIMIT.as_secs()
+        Ok(Ok(Err(e))) => Err(WireError::new(
+            e.kind(),
+            format!("network not reconfigured ({summary}): {e}"),
+        )),
+        Ok(Err(e)) => Err(WireError::new(
+            ErrorKind::Io,
+            format!("network not reconfigured ({summary}): {e}"),
+        )),
+        Err(_) => Err(WireError::new(
+            ErrorKind::Timeout,
+            format!(
+                "network not reconfigured ({summary}): it took longer than {} s",
+                NETWORK_LIMIT.as_secs()
+            ),
         )),
     }
 }
@@ -181,9 +201,10 @@ async fn control(mut transport: Transport, first: HostMessage, cfg: &ServerConfi
         let reply = match msg {
             HostMessage::Hello(hello) => handshake::answer(&hello, cfg.apply_identity),
             HostMessage::Ping(n) => GuestMessage::Pong(n),
-            other => {
-                GuestMessage::Error(format!("unexpected {} on a handshake stream", kind(&other)))
-            }
+            other => GuestMessage::Error(WireError::new(
+                ErrorKind::InvalidInput,
+                format!("unexpected {} on a handshake stream", kind(&other)),
+            )),
         };
         let failed = matches!(reply, GuestMessage::Error(_));
         if send(&mut transport, &reply).await.is_err() || failed {
@@ -192,9 +213,16 @@ async fn control(mut transport: Transport, first: HostMessage, cfg: &ServerConfi
         next = match transport.next().await {
             Some(Ok(frame)) => match decode::<HostMessage>(&frame) {
                 Ok(msg) => Some(msg),
-                Err(e) => return refuse(transport, format!("malformed message: {e}")).await,
+                Err(e) => {
+                    let why =
+                        WireError::new(ErrorKind::InvalidInput, format!("malformed message: {e}"));
+                    return refuse(transport, why).await;
+                }
             },
-            Some(Err(e)) => return refuse(transport, format!("unreadable message: {e}")).await,
+            Some(Err(e)) => {
+                let why = WireError::new(ErrorKind::Io, format!("unreadable message: {e}"));
+                return refuse(transport, why).await;
+            }
             None => None,
         };
     }

@@ -118,10 +118,12 @@ pub fn spawn(req: &ExecRequest, persistent: &Vars) -> Result<(Child, u32)> {
     let child = cmd.spawn().map_err(|e| AgentError::Spawn {
         program: argv[0].clone(),
         reason: os_reason(&e),
+        io_kind: e.kind(),
     })?;
     let pid = child.id().ok_or_else(|| AgentError::Spawn {
         program: argv[0].clone(),
         reason: "the process vanished before it could be tracked".into(),
+        io_kind: io::ErrorKind::Other,
     })?;
     Ok((child, pid))
 }

@@ -5,7 +5,9 @@ mod support;
 
 use futures::SinkExt;
 use serde_bytes::ByteBuf;
-use smolvm_protocol::{encode, EnvUpdate, GuestMessage, HostMessage, MAX_CHUNK, PROTOCOL_VERSION};
+use smolvm_protocol::{
+    encode, EnvUpdate, ErrorKind, GuestMessage, HostMessage, WireError, MAX_CHUNK, PROTOCOL_VERSION,
+};
 use support::*;
 
 #[tokio::test]
@@ -42,9 +44,12 @@ async fn handshake_refuses_another_protocol_version() {
     r.send(&hello(PROTOCOL_VERSION + 1)).await;
     assert_eq!(
         r.recv().await,
-        Some(GuestMessage::Error(format!(
-            "protocol version mismatch: host speaks {}, agent speaks {PROTOCOL_VERSION}",
-            PROTOCOL_VERSION + 1
+        Some(GuestMessage::Error(WireError::new(
+            ErrorKind::Refused,
+            format!(
+                "protocol version mismatch: host speaks {}, agent speaks {PROTOCOL_VERSION}",
+                PROTOCOL_VERSION + 1
+            )
         )))
     );
     assert_eq!(r.recv().await, None, "the stream ends after the error");
@@ -155,27 +160,42 @@ async fn bad_requests_get_errors() {
     req.cwd = Some("/no/such/dir".into());
     let out = client.exec(req).await;
     assert_eq!(
-        out.error.as_deref(),
-        Some("working directory /no/such/dir does not exist")
+        out.error,
+        Some(WireError::new(
+            ErrorKind::NotFound,
+            "working directory /no/such/dir does not exist"
+        ))
     );
     assert_eq!(out.pid, None);
 
     let out = client.exec(argv(&["no-such-program-smolvm"])).await;
     assert_eq!(
-        out.error.as_deref(),
-        Some("failed to start `no-such-program-smolvm`: No such file or directory")
+        out.error,
+        Some(WireError::new(
+            ErrorKind::NotFound,
+            "failed to start `no-such-program-smolvm`: No such file or directory"
+        ))
     );
 
+    let mut req = shell("true");
+    req.cwd = Some("/etc/hostname".into());
+    let out = client.exec(req).await;
+    assert_eq!(out.error.unwrap().kind, ErrorKind::InvalidInput);
+
     let out = client.exec(argv(&[])).await;
-    assert!(out.error.unwrap().contains("empty command"));
+    let e = out.error.unwrap();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(e.message.contains("empty command"), "{e}");
 
     let mut req = shell("true");
     req.env = vec![("A=B".into(), "x".into())];
     let out = client.exec(req).await;
-    assert!(out
-        .error
-        .unwrap()
-        .contains("invalid environment variable name"));
+    let e = out.error.unwrap();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(
+        e.message.contains("invalid environment variable name"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -187,7 +207,8 @@ async fn garbage_and_misplaced_first_frames_are_refused() {
     let Some(GuestMessage::Error(e)) = r.recv().await else {
         panic!("expected an error");
     };
-    assert!(e.starts_with("malformed request"), "{e}");
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(e.message.starts_with("malformed request"), "{e}");
     assert_eq!(r.recv().await, None);
 
     let mut r = client.open().await;
@@ -196,7 +217,8 @@ async fn garbage_and_misplaced_first_frames_are_refused() {
     let Some(GuestMessage::Error(e)) = r.recv().await else {
         panic!("expected an error");
     };
-    assert!(e.contains("unexpected first message Stdin"), "{e}");
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(e.message.contains("unexpected first message Stdin"), "{e}");
 
     // The session survives all that.
     assert!(matches!(client.handshake().await, GuestMessage::Hello(_)));
@@ -522,9 +544,11 @@ async fn bad_names_and_values_are_refused_and_change_nothing() {
     ];
     for (update, named) in bad_updates {
         let reply = client.env(update.clone()).await;
-        let GuestMessage::Error(msg) = reply else {
+        let GuestMessage::Error(err) = reply else {
             panic!("{update:?} accepted: {reply:?}")
         };
+        assert_eq!(err.kind, ErrorKind::InvalidInput, "{err}");
+        let msg = err.message;
         assert!(msg.contains(named), "{msg:?} should name {named}");
         assert!(msg.len() < 400, "short message: {msg}");
     }
@@ -650,7 +674,8 @@ async fn shutdown_is_refused_after_the_first_frame() {
     let Some(GuestMessage::Error(e)) = r.recv().await else {
         panic!("expected an error");
     };
-    assert!(e.contains("Shutdown"), "{e}");
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(e.message.contains("Shutdown"), "{e}");
     // Still serving.
     assert!(matches!(client.handshake().await, GuestMessage::Hello(_)));
 }

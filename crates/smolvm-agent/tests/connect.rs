@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use futures::SinkExt;
-use smolvm_protocol::{encode, GuestMessage, HostMessage};
+use smolvm_protocol::{encode, ErrorKind, GuestMessage, HostMessage, WireError};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -155,15 +155,23 @@ async fn a_port_without_a_service_is_refused_with_the_reason() {
     let Some(GuestMessage::Error(e)) = r.recv().await else {
         panic!("expected an error");
     };
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     assert!(
-        e.contains(&format!("nothing accepts connections on port {port}")),
+        e.message
+            .contains(&format!("nothing accepts connections on port {port}")),
         "{e}"
     );
     assert_eq!(r.recv().await, None, "the stream ends after the error");
 
     let mut r = client.open().await;
     r.send(&HostMessage::Connect { port: 0 }).await;
-    assert!(matches!(r.recv().await, Some(GuestMessage::Error(_))));
+    assert!(matches!(
+        r.recv().await,
+        Some(GuestMessage::Error(WireError {
+            kind: ErrorKind::InvalidInput,
+            ..
+        }))
+    ));
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ mod support;
 use std::time::Instant;
 
 use smolvm_protocol::boot::GuestNet;
-use smolvm_protocol::{GuestMessage, HostMessage};
+use smolvm_protocol::{ErrorKind, GuestMessage, HostMessage};
 use support::*;
 
 /// Sends `net` on a stream of its own; the one answer, after which the stream ends.
@@ -18,9 +18,12 @@ async fn network(client: &Client, net: GuestNet) -> GuestMessage {
     reply
 }
 
-fn error_text(reply: GuestMessage) -> String {
+fn error_text(reply: GuestMessage, want: ErrorKind) -> String {
     match reply {
-        GuestMessage::Error(why) => why,
+        GuestMessage::Error(why) => {
+            assert_eq!(why.kind, want, "{why}");
+            why.message
+        }
         other => panic!("expected an error, got {other:?}"),
     }
 }
@@ -32,7 +35,10 @@ async fn network_without_an_interface_is_a_clean_error() {
     // The agent looks for an interface for a while, then answers (within the client's
     // patience: a hang fails there).
     let start = Instant::now();
-    let why = error_text(network(&client, GuestNet::user_mode()).await);
+    let why = error_text(
+        network(&client, GuestNet::user_mode()).await,
+        ErrorKind::NotFound,
+    );
     eprintln!("no interface: answered after {:?}", start.elapsed());
     assert!(why.contains("no Ethernet interface"), "{why}");
     assert!(why.contains("10.0.2.15/24"), "{why}");
@@ -42,7 +48,7 @@ async fn network_without_an_interface_is_a_clean_error() {
         mtu: 1,
         ..GuestNet::user_mode()
     };
-    let why = error_text(network(&client, bad).await);
+    let why = error_text(network(&client, bad).await, ErrorKind::InvalidInput);
     assert!(why.contains("mtu"), "{why}");
     // The session goes on.
     let out = client.exec(shell("echo still here")).await;
@@ -53,6 +59,9 @@ async fn network_without_an_interface_is_a_clean_error() {
 async fn network_is_refused_without_apply_identity() {
     let agent = Agent::start().await;
     let client = agent.connect().await;
-    let why = error_text(network(&client, GuestNet::user_mode()).await);
+    let why = error_text(
+        network(&client, GuestNet::user_mode()).await,
+        ErrorKind::Unsupported,
+    );
     assert!(why.contains("--apply-identity"), "{why}");
 }

@@ -321,7 +321,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
                 let out = vm.exec(&opts)?;
                 rtt.push(t.elapsed());
                 if out.exit_code != Some(0) {
-                    return Err(smolvm::Error::Agent("`true` failed".into()));
+                    return Err(smolvm::Error::Agent {
+                        kind: smolvm::ErrorKind::Io,
+                        message: format!("`true` exited with {:?}", out.exit_code),
+                    });
                 }
             }
             Ok(())

@@ -4,6 +4,106 @@
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+/// What kind of failure a [`WireError`] reports. The receiver chooses its error type by the
+/// kind, never by the message's text. Variants are only ever appended (a peer that does not
+/// know a kind fails to decode the message, which is a protocol generation mismatch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Something the request names does not exist (a program, a directory, a forward).
+    NotFound,
+    /// The request itself is wrong (a malformed message, a bad name or value); sending it
+    /// again unchanged fails again.
+    InvalidInput,
+    /// A wait ran out of time.
+    Timeout,
+    /// The guest (its agent, its QEMU) went away or stopped answering.
+    GuestGone,
+    /// The peer will not do it (another protocol or API version, a VM that is stopping).
+    Refused,
+    /// What the request needs is taken (a host port, a snapshot in use).
+    Busy,
+    /// An I/O operation or a host resource failed.
+    Io,
+    /// The peer cannot do this at all (a feature it lacks).
+    Unsupported,
+}
+
+impl ErrorKind {
+    /// The kind's name as written in logs and docs (`not found`, `invalid input`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not found",
+            ErrorKind::InvalidInput => "invalid input",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::GuestGone => "guest gone",
+            ErrorKind::Refused => "refused",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Io => "i/o",
+            ErrorKind::Unsupported => "unsupported",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error sent across a process boundary (agent to supervisor, supervisor to client):
+/// its kind, for the receiver to act on, and a message written for a user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// What kind of failure it is.
+    pub kind: ErrorKind,
+    /// What happened, for a user (the receiver may put it inside its own message).
+    pub message: String,
+}
+
+impl WireError {
+    /// An error of this kind with this message.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> WireError {
+        WireError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for WireError {
+    /// The message alone (the kind is for programs).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// First frame of every connection to a supervisor's API socket (before the
+/// [`ApiRequest`]). Its layout is frozen: every API version, past and future, encodes it the
+/// same way, so two versions can always tell each other theirs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiHello {
+    /// Always [`API_MAGIC`](crate::API_MAGIC): it tells a hello from anything else (its
+    /// first byte is no valid request tag of the unversioned API that came before).
+    pub magic: [u8; 4],
+    /// The API version the client speaks.
+    pub api_version: u32,
+}
+
+/// The supervisor's answer to an [`ApiHello`]. Frozen like the hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiHelloReply {
+    /// Always [`API_MAGIC`](crate::API_MAGIC).
+    pub magic: [u8; 4],
+    /// The API version the supervisor speaks.
+    pub api_version: u32,
+    /// Why the supervisor will not serve this connection (another API version, or a first
+    /// frame that is no hello; kind [`ErrorKind::Refused`] or [`ErrorKind::InvalidInput`]);
+    /// it closes the connection after this reply. `None`: the request follows.
+    pub refused: Option<WireError>,
+}
+
 /// First message on the agent's handshake stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -147,8 +247,9 @@ pub enum GuestMessage {
     Stderr(ByteBuf),
     /// The process ended; last message on an exec stream.
     Exited(ExitStatus),
-    /// The request failed; last message on the stream.
-    Error(String),
+    /// The request failed; last message on the stream. Generation 6: a kind and a message
+    /// (was a bare message).
+    Error(WireError),
     /// Answers [`HostMessage::Ping`].
     Pong(u64),
     /// The persistent environment after an [`HostMessage::Env`], sorted by name.
@@ -211,8 +312,8 @@ pub enum ApiReply {
     Status(VmStatus),
     /// The request was carried out.
     Ok,
-    /// The request failed.
-    Error(String),
+    /// The request failed. Generation 6: a kind and a message (was a bare message).
+    Error(WireError),
     /// Answer to [`ApiRequest::Env`]: the guest's persistent environment, sorted by name.
     Env(Vec<(String, String)>),
     /// Answer to [`ApiRequest::Expose`]: the forward as established.

@@ -143,10 +143,11 @@ fn wire_format_snapshot_v4() {
     );
 }
 
-/// Generation 5: `HelloReply` ends with the guest's clocksource.
+/// Generation 5: `HelloReply` ends with the guest's clocksource. The handshake's layout is
+/// frozen from here on.
 #[test]
 fn wire_format_snapshot_v5() {
-    assert_eq!(PROTOCOL_VERSION, 5);
+    const { assert!(PROTOCOL_VERSION >= 5) };
     let hello = GuestMessage::Hello(HelloReply {
         protocol_version: 5,
         agent_version: "1".into(),
@@ -168,6 +169,67 @@ fn wire_format_snapshot_v5() {
     let want = vec![0, 5, 1, 1, b'h', 1, 7, 1];
     assert_eq!(encode(&hello).unwrap(), want);
     assert_eq!(decode::<HostMessage>(&want).unwrap(), hello);
+}
+
+/// Generation 6: errors carry a kind (`GuestMessage::Error` and `ApiReply::Error` hold a
+/// `WireError`); the supervisor API starts every connection with a frozen `ApiHello`.
+#[test]
+fn wire_format_snapshot_v6() {
+    assert_eq!(PROTOCOL_VERSION, 6);
+    assert_eq!(API_VERSION, 1);
+    // The kinds' tags, in order; new kinds are only appended.
+    let kinds = [
+        ErrorKind::NotFound,
+        ErrorKind::InvalidInput,
+        ErrorKind::Timeout,
+        ErrorKind::GuestGone,
+        ErrorKind::Refused,
+        ErrorKind::Busy,
+        ErrorKind::Io,
+        ErrorKind::Unsupported,
+    ];
+    for (tag, kind) in kinds.into_iter().enumerate() {
+        assert_eq!(encode(&kind).unwrap(), vec![tag as u8], "{kind}");
+    }
+    let err = WireError::new(ErrorKind::NotFound, "no");
+    let want = vec![5, 0, 2, b'n', b'o'];
+    assert_eq!(encode(&GuestMessage::Error(err.clone())).unwrap(), want);
+    assert_eq!(
+        decode::<GuestMessage>(&want).unwrap(),
+        GuestMessage::Error(err.clone())
+    );
+    let want = vec![2, 3, 1, b'x'];
+    let gone = WireError::new(ErrorKind::GuestGone, "x");
+    assert_eq!(encode(&ApiReply::Error(gone.clone())).unwrap(), want);
+    assert_eq!(decode::<ApiReply>(&want).unwrap(), ApiReply::Error(gone));
+    // The hello and its reply: frozen for every API version to come.
+    let hello = ApiHello {
+        magic: API_MAGIC,
+        api_version: 1,
+    };
+    let want = vec![b's', b'm', b'v', b'A', 1];
+    assert_eq!(encode(&hello).unwrap(), want);
+    assert_eq!(decode::<ApiHello>(&want).unwrap(), hello);
+    let ok = ApiHelloReply {
+        magic: API_MAGIC,
+        api_version: 1,
+        refused: None,
+    };
+    assert_eq!(encode(&ok).unwrap(), vec![b's', b'm', b'v', b'A', 1, 0]);
+    let refused = ApiHelloReply {
+        magic: API_MAGIC,
+        api_version: 300,
+        refused: Some(WireError::new(ErrorKind::Refused, "v")),
+    };
+    // 300 as a varint is 0xac 0x02.
+    let want = vec![b's', b'm', b'v', b'A', 0xac, 0x02, 1, 4, 1, b'v'];
+    assert_eq!(encode(&refused).unwrap(), want);
+    assert_eq!(decode::<ApiHelloReply>(&want).unwrap(), refused);
+    // A hello's first byte is no request of the unversioned API (tags 0-9), so a supervisor
+    // from before the hello refuses it as a bad request instead of carrying it out.
+    assert!(API_MAGIC[0] > 9);
+    // An unknown kind is a decode error, not a panic.
+    assert!(decode::<GuestMessage>(&[5, 8, 0]).is_err());
 }
 
 #[test]
@@ -253,6 +315,11 @@ fn garbage_never_panics() {
     write_frame(&mut valid, &sample_exec()).unwrap();
     write_frame(
         &mut valid,
+        &GuestMessage::Error(WireError::new(ErrorKind::Busy, "taken")),
+    )
+    .unwrap();
+    write_frame(
+        &mut valid,
         &GuestMessage::Exited(ExitStatus {
             code: Some(1),
             ..Default::default()
@@ -273,6 +340,10 @@ fn garbage_never_panics() {
         };
         let _ = decode::<GuestMessage>(&data);
         let _ = decode::<HostMessage>(&data);
+        let _ = decode::<ApiRequest>(&data);
+        let _ = decode::<ApiReply>(&data);
+        let _ = decode::<ApiHello>(&data);
+        let _ = decode::<ApiHelloReply>(&data);
         let mut r = &data[..];
         while let Ok(Some(_)) = read_frame::<_, GuestMessage>(&mut r) {}
         data.clear();

@@ -416,16 +416,7 @@ pub fn open_snapshot<'py>(py: Python<'py>, name: String) -> PyResult<Bound<'py, 
 #[pyfunction]
 pub fn delete_snapshot(py: Python<'_>, name: String) -> PyResult<()> {
     let rt = runtime(py)?;
-    match py.allow_threads(|| rt.remove_snapshot(&name)) {
-        Ok(()) => Ok(()),
-        Err(smolvm::Error::BadState { id, state, hint }) => Err(crate::errors::raise(
-            py,
-            "SnapshotError",
-            format!("snapshot {id:?} is {state}: {hint}"),
-            &[],
-        )),
-        Err(e) => Err(to_py(py, e)),
-    }
+    py.allow_threads(|| rt.remove_snapshot(&name)).map_py(py)
 }
 
 fn forward_dict<'py>(py: Python<'py>, f: &smolvm::ForwardInfo) -> PyResult<Bound<'py, PyDict>> {

@@ -7,8 +7,8 @@ import ipaddress
 import pytest
 
 from conftest import SMALL, http_get, require_private_netns, wait_for
-from smolvm import SmolVM, VMConfig
-from smolvm.exceptions import ValidationError
+from smolvm import SmolVM, VMConfig, _native
+from smolvm.exceptions import NetworkError, ValidationError
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +79,23 @@ def test_bad_network_settings_name_the_field(fields, field):
 def test_egress_settings_round_trip():
     c = VMConfig(network="nat", egress="deny", allow_egress=["203.0.113.0/24", "198.51.100.7:443"])
     assert (c.egress, c.allow_egress, c.deny_egress) == ("deny", ["203.0.113.0/24", "198.51.100.7:443"], [])
+
+
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        (dict(network="nat"), "nat networking is not available here"),
+        (dict(network="auto", allow_egress=["203.0.113.0/24"]), "egress lists need nat networking"),
+    ],
+)
+def test_nat_unavailable_raises_network_error(monkeypatch, tmp_path, fields, says):
+    # With no `nft` on PATH (an empty directory), nat networking is unavailable to anyone,
+    # root or not: the runtime's network error reaches Python as NetworkError, the class of
+    # its kind (it arrived as plain SmolVMError before), and nothing is created.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    before = {v for v in _native.list_vms()}
+    with pytest.raises(NetworkError) as e:
+        SmolVM(**fields, **SMALL)
+    assert says in str(e.value)
+    assert not isinstance(e.value, ValidationError)
+    assert {v for v in _native.list_vms()} == before

@@ -8,11 +8,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use smolvm_protocol::{
-    read_frame, write_frame, ApiReply, ApiRequest, EnvUpdate, ExecRequest, ExitStatus, ForwardInfo,
-    GuestMessage, HostMessage, VmStatus, MAX_CHUNK,
+    read_frame, write_frame, ApiHello, ApiHelloReply, ApiReply, ApiRequest, EnvUpdate, ExecRequest,
+    ExitStatus, ForwardInfo, GuestMessage, HostMessage, ProtocolError, VmStatus, WireError,
+    API_MAGIC, API_VERSION, MAX_CHUNK,
 };
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
+
+/// What a request is about, which decides the error a failure becomes (with its kind).
+#[derive(Debug, Clone, Copy)]
+enum Domain {
+    /// Commands, the environment, status, stop: the guest agent's errors.
+    Guest,
+    /// Port forwards.
+    Forward,
+    /// Pause, resume, snapshot.
+    Control,
+}
 
 /// A chunk of process output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,28 +123,109 @@ impl ApiClient {
         })
     }
 
-    fn request(&self, req: &ApiRequest, timeout: Duration) -> Result<ApiReply> {
-        let mut s = self.connect()?;
-        s.set_read_timeout(Some(timeout)).ok();
-        write_frame(&mut s, req).map_err(|e| self.gone(e.to_string()))?;
-        match read_frame::<_, ApiReply>(&mut s) {
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(self.gone("the supervisor closed the connection")),
-            Err(smolvm_protocol::ProtocolError::Io(e))
+    /// The error a [`WireError`] from the supervisor becomes, chosen by its kind (and, for
+    /// the kinds that belong to what was asked, by the request's domain); never by its text.
+    fn wire_error(&self, e: WireError, domain: Domain) -> Error {
+        let WireError { kind, message } = e;
+        match (kind, domain) {
+            (ErrorKind::GuestGone, _) => self.gone(message),
+            // Only the monitor refuses this way (the fake one saves no state).
+            (ErrorKind::Unsupported, Domain::Control) => Error::Unsupported(message),
+            (ErrorKind::Timeout, _) => Error::Timeout {
+                what: message,
+                secs: None,
+            },
+            (
+                ErrorKind::NotFound
+                | ErrorKind::InvalidInput
+                | ErrorKind::Refused
+                | ErrorKind::Busy
+                | ErrorKind::Io
+                | ErrorKind::Unsupported,
+                Domain::Guest,
+            ) => Error::Agent { kind, message },
+            (
+                ErrorKind::NotFound
+                | ErrorKind::InvalidInput
+                | ErrorKind::Refused
+                | ErrorKind::Busy
+                | ErrorKind::Io
+                | ErrorKind::Unsupported,
+                Domain::Forward,
+            ) => Error::Forward { kind, message },
+            (
+                ErrorKind::NotFound
+                | ErrorKind::InvalidInput
+                | ErrorKind::Refused
+                | ErrorKind::Busy
+                | ErrorKind::Io,
+                Domain::Control,
+            ) => Error::Snapshot(message),
+        }
+    }
+
+    /// The error for a read from the supervisor that failed (`waited`: the read's limit).
+    fn read_failed(&self, e: ProtocolError, what: &str, waited: Option<Duration>) -> Error {
+        match e {
+            ProtocolError::Io(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                Err(Error::Timeout {
-                    what: "the VM's supervisor".into(),
-                    secs: timeout.as_secs_f64(),
-                })
+                Error::Timeout {
+                    what: what.into(),
+                    secs: waited.map(|d| d.as_secs_f64()),
+                }
             }
-            Err(e) => Err(Error::Protocol {
+            e => Error::Protocol {
                 peer: "supervisor",
                 source: e,
-            }),
+            },
+        }
+    }
+
+    /// Connects, says hello and sends `req` (without waiting in between), then reads the
+    /// supervisor's hello: a supervisor of another API version is refused here with
+    /// [`Error::ApiVersion`], before anything of the request is read as a reply.
+    fn open(&self, req: &ApiRequest, timeout: Option<Duration>) -> Result<UnixStream> {
+        let mut s = self.connect()?;
+        s.set_read_timeout(timeout).ok();
+        let hello = ApiHello {
+            magic: API_MAGIC,
+            api_version: API_VERSION,
+        };
+        let sent = write_frame(&mut s, &hello).and_then(|()| write_frame(&mut s, req));
+        let mismatch = |supervisor| Error::ApiVersion {
+            id: self.id.clone(),
+            supervisor,
+            client: API_VERSION,
+        };
+        match read_frame::<_, ApiHelloReply>(&mut s) {
+            Ok(Some(r)) if r.magic == API_MAGIC => {
+                if r.api_version != API_VERSION {
+                    return Err(mismatch(r.api_version));
+                }
+                if let Some(e) = r.refused {
+                    return Err(self.wire_error(e, Domain::Guest));
+                }
+            }
+            // No hello came back: a supervisor from before API versions, which answers a
+            // hello as a request it cannot decode.
+            Ok(Some(_)) | Err(ProtocolError::Decode(_)) => return Err(mismatch(0)),
+            Ok(None) => return Err(self.gone("the supervisor closed the connection")),
+            Err(e) => return Err(self.read_failed(e, "the VM's supervisor to answer", timeout)),
+        }
+        sent.map_err(|e| self.gone(e.to_string()))?;
+        Ok(s)
+    }
+
+    fn request(&self, req: &ApiRequest, timeout: Duration) -> Result<ApiReply> {
+        let mut s = self.open(req, Some(timeout))?;
+        match read_frame::<_, ApiReply>(&mut s) {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(self.gone("the supervisor closed the connection")),
+            Err(e) => Err(self.read_failed(e, "the VM's supervisor", Some(timeout))),
         }
     }
 
@@ -140,7 +233,7 @@ impl ApiClient {
     pub fn status(&self) -> Result<VmStatus> {
         match self.request(&ApiRequest::Status, Duration::from_secs(5))? {
             ApiReply::Status(s) => Ok(s),
-            ApiReply::Error(e) => Err(Error::Agent(e)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Guest)),
             _ => Err(self.gone("unexpected reply to status")),
         }
     }
@@ -152,7 +245,7 @@ impl ApiClient {
         };
         match self.request(&req, graceful + Duration::from_secs(10))? {
             ApiReply::Ok => Ok(()),
-            ApiReply::Error(e) => Err(Error::Agent(e)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Guest)),
             _ => Err(self.gone("unexpected reply to stop")),
         }
     }
@@ -161,7 +254,7 @@ impl ApiClient {
     pub fn control(&self, req: &ApiRequest) -> Result<()> {
         match self.request(req, Duration::from_secs(160))? {
             ApiReply::Ok => Ok(()),
-            ApiReply::Error(e) => Err(Error::Snapshot(e)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Control)),
             _ => Err(self.gone("unexpected reply to a pause, resume or snapshot")),
         }
     }
@@ -170,7 +263,7 @@ impl ApiClient {
     pub fn env(&self, update: EnvUpdate) -> Result<Vec<(String, String)>> {
         match self.request(&ApiRequest::Env(update), Duration::from_secs(20))? {
             ApiReply::Env(vars) => Ok(vars),
-            ApiReply::Error(e) => Err(Error::Agent(e)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Guest)),
             _ => Err(self.gone("unexpected reply to an environment request")),
         }
     }
@@ -190,7 +283,7 @@ impl ApiClient {
         };
         match self.request(&req, Duration::from_secs(10))? {
             ApiReply::Forward(info) => Ok(info),
-            ApiReply::Error(e) => Err(Error::Forward(e)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Forward)),
             _ => Err(self.gone("unexpected reply to a port forward request")),
         }
     }
@@ -199,7 +292,7 @@ impl ApiClient {
     pub fn unexpose(&self, host_port: u16) -> Result<()> {
         match self.request(&ApiRequest::Unexpose { host_port }, Duration::from_secs(10))? {
             ApiReply::Ok => Ok(()),
-            ApiReply::Error(e) => Err(Error::Forward(e)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Forward)),
             _ => Err(self.gone("unexpected reply to a port forward removal")),
         }
     }
@@ -208,7 +301,7 @@ impl ApiClient {
     pub fn forwards(&self) -> Result<Vec<ForwardInfo>> {
         match self.request(&ApiRequest::Forwards, Duration::from_secs(5))? {
             ApiReply::Forwards(list) => Ok(list),
-            ApiReply::Error(e) => Err(Error::Forward(e)),
+            ApiReply::Error(e) => Err(self.wire_error(e, Domain::Forward)),
             _ => Err(self.gone("unexpected reply to a port forward listing")),
         }
     }
@@ -223,12 +316,14 @@ impl ApiClient {
         cancel: Option<&CancelToken>,
         sink: &mut dyn FnMut(OutputStream, &[u8]),
     ) -> Result<ExitStatus> {
-        let mut s = self.connect()?;
-        if cancel.is_some_and(|c| !c.attach(&s)) {
+        if cancel.is_some_and(CancelToken::is_cancelled) {
             return Err(Error::Cancelled);
         }
-        s.set_read_timeout(deadline).ok();
-        write_frame(&mut s, &ApiRequest::Exec(req)).map_err(|e| self.gone(e.to_string()))?;
+        let mut s = self.open(&ApiRequest::Exec(req), deadline)?;
+        if cancel.is_some_and(|c| !c.attach(&s)) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            return Err(Error::Cancelled);
+        }
         let writer = match stdin {
             Some(mut input) => {
                 let mut w = s.try_clone().map_err(|e| self.gone(e.to_string()))?;
@@ -256,36 +351,14 @@ impl ApiClient {
                 Ok(Some(GuestMessage::Stderr(b))) => sink(OutputStream::Stderr, &b),
                 Ok(Some(GuestMessage::Started { .. })) | Ok(Some(GuestMessage::Pong(_))) => {}
                 Ok(Some(GuestMessage::Exited(st))) => break Ok(st),
-                Ok(Some(GuestMessage::Error(e))) => {
-                    break Err(if e.contains("went away") {
-                        self.gone(e)
-                    } else {
-                        Error::Agent(e)
-                    })
-                }
+                Ok(Some(GuestMessage::Error(e))) => break Err(self.wire_error(e, Domain::Guest)),
                 Ok(Some(GuestMessage::Hello(_) | GuestMessage::Env(_) | GuestMessage::Ok)) => {
                     break Err(self.gone("unexpected message on an exec stream"))
                 }
                 Ok(None) => {
                     break Err(self.gone("the supervisor closed the connection mid-command"))
                 }
-                Err(smolvm_protocol::ProtocolError::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break Err(Error::Timeout {
-                        what: "the command's result".into(),
-                        secs: deadline.map(|d| d.as_secs_f64()).unwrap_or(0.0),
-                    })
-                }
-                Err(e) => {
-                    break Err(Error::Protocol {
-                        peer: "supervisor",
-                        source: e,
-                    })
-                }
+                Err(e) => break Err(self.read_failed(e, "the command's result", deadline)),
             }
         };
         let _ = s.shutdown(std::net::Shutdown::Both);
@@ -297,5 +370,204 @@ impl ApiClient {
         // next write fails, so it is not joined.
         drop(writer);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixListener;
+
+    use smolvm_protocol::{encode, ErrorKind};
+
+    use super::*;
+
+    /// A real supervisor socket that reads one frame (the client's first) and answers it with
+    /// `answers`, raw frames, then closes; returns the frame it read.
+    fn supervisor(
+        answers: Vec<Vec<u8>>,
+    ) -> (
+        tempfile::TempDir,
+        ApiClient,
+        std::thread::JoinHandle<Vec<u8>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut len = [0u8; 4];
+            std::io::Read::read_exact(&mut s, &mut len).unwrap();
+            let mut first = vec![0u8; u32::from_le_bytes(len) as usize];
+            std::io::Read::read_exact(&mut s, &mut first).unwrap();
+            for a in answers {
+                s.write_all(&(a.len() as u32).to_le_bytes()).unwrap();
+                s.write_all(&a).unwrap();
+            }
+            first
+        });
+        (dir, ApiClient::new("vm1", &path), server)
+    }
+
+    fn hello_reply(api_version: u32, refused: Option<WireError>) -> Vec<u8> {
+        encode(&ApiHelloReply {
+            magic: API_MAGIC,
+            api_version,
+            refused,
+        })
+        .unwrap()
+    }
+
+    /// A supervisor from before API versions (generation 5) decodes the hello as a request,
+    /// fails, and answers as it answered any bad request: `ApiReply::Error(String)`, tag 2
+    /// then the text. The client names both versions.
+    #[test]
+    fn a_supervisor_from_before_api_versions_is_named_as_such() {
+        let mut old_reply = vec![2u8, 12];
+        old_reply.extend_from_slice(b"bad request:");
+        let (_dir, client, server) = supervisor(vec![old_reply]);
+        let err = client.status().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::ApiVersion {
+                    supervisor: 0,
+                    client: API_VERSION,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("API version 0"), "{text}");
+        assert!(
+            text.contains(&format!("this smolvm speaks {API_VERSION}")),
+            "{text}"
+        );
+        // What the old supervisor read was our hello, frozen bytes.
+        let first = server.join().unwrap();
+        assert_eq!(first, vec![b's', b'm', b'v', b'A', API_VERSION as u8]);
+    }
+
+    /// A supervisor that speaks another version answers the hello with its own and a
+    /// refusal; the client's error names both versions, for every kind of request.
+    #[test]
+    fn a_supervisor_of_another_version_is_refused_with_both_versions() {
+        for other in [API_VERSION + 1, API_VERSION + 40] {
+            let refusal = WireError::new(ErrorKind::Refused, "another version");
+            let (_dir, client, server) = supervisor(vec![hello_reply(other, Some(refusal))]);
+            let err = client
+                .exec(
+                    ExecRequest {
+                        command: smolvm_protocol::Command::Shell("true".into()),
+                        env: Vec::new(),
+                        cwd: None,
+                        stdin: false,
+                        timeout_ms: None,
+                        max_output_bytes: 0,
+                    },
+                    None,
+                    Some(Duration::from_secs(30)),
+                    None,
+                    &mut |_, _| {},
+                )
+                .unwrap_err();
+            match &err {
+                Error::ApiVersion {
+                    id,
+                    supervisor,
+                    client,
+                } => {
+                    assert_eq!(
+                        (id.as_str(), *supervisor, *client),
+                        ("vm1", other, API_VERSION)
+                    );
+                }
+                e => panic!("expected an API version error, got {e:?}"),
+            }
+            assert!(
+                err.to_string().contains(&format!(
+                    "speaks API version {other}, this smolvm speaks {API_VERSION}"
+                )),
+                "{err}"
+            );
+            server.join().unwrap();
+        }
+    }
+
+    /// Each kind a supervisor answers becomes the error of its kind for the request asked,
+    /// whatever its text says.
+    #[test]
+    fn kinds_become_error_variants_without_reading_the_text() {
+        type Ask = fn(&ApiClient) -> Error;
+        type Want = fn(&Error) -> bool;
+        let cases: Vec<(ErrorKind, Ask, Want)> = vec![
+            (
+                ErrorKind::GuestGone,
+                |c| c.env(EnvUpdate::default()).unwrap_err(),
+                |e| matches!(e, Error::VmGone { id, .. } if id == "vm1"),
+            ),
+            (
+                ErrorKind::Timeout,
+                |c| c.control(&ApiRequest::Pause).unwrap_err(),
+                |e| matches!(e, Error::Timeout { secs: None, .. }),
+            ),
+            (
+                ErrorKind::Busy,
+                |c| c.expose(80, Some(8080), None).unwrap_err(),
+                |e| {
+                    matches!(
+                        e,
+                        Error::Forward {
+                            kind: ErrorKind::Busy,
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                ErrorKind::NotFound,
+                |c| c.unexpose(8080).unwrap_err(),
+                |e| {
+                    matches!(
+                        e,
+                        Error::Forward {
+                            kind: ErrorKind::NotFound,
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                ErrorKind::InvalidInput,
+                |c| c.env(EnvUpdate::default()).unwrap_err(),
+                |e| {
+                    matches!(
+                        e,
+                        Error::Agent {
+                            kind: ErrorKind::InvalidInput,
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                ErrorKind::Unsupported,
+                |c| c.control(&ApiRequest::Resume).unwrap_err(),
+                |e| matches!(e, Error::Snapshot(_)),
+            ),
+        ];
+        for (kind, ask, want) in cases {
+            // The text says "went away" every time: it must not matter.
+            let reply = encode(&ApiReply::Error(WireError::new(
+                kind,
+                "the guest agent went away",
+            )))
+            .unwrap();
+            let (_dir, client, server) = supervisor(vec![hello_reply(API_VERSION, None), reply]);
+            let err = ask(&client);
+            assert!(want(&err), "{kind}: {err:?}");
+            server.join().unwrap();
+        }
     }
 }

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+pub use smolvm_protocol::ErrorKind;
+use smolvm_protocol::WireError;
+
 /// Errors from the smolvm runtime.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -73,9 +76,15 @@ pub enum Error {
         /// What happened.
         reason: String,
     },
-    /// The guest agent reported an error for a request.
-    #[error("guest agent error: {0}")]
-    Agent(String),
+    /// The guest agent (or the VM's supervisor relaying a request to it) refused or failed
+    /// a request; `kind` says what kind of failure, as the agent classified it.
+    #[error("guest agent error: {message}")]
+    Agent {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// What happened.
+        message: String,
+    },
     /// A host or guest peer broke the protocol.
     #[error("protocol error talking to {peer}: {source}")]
     Protocol {
@@ -104,12 +113,13 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A wait ran out of time.
-    #[error("timed out after {secs:.1} s waiting for {what}")]
+    #[error("timed out{} waiting for {what}", after(*.secs))]
     Timeout {
         /// What we waited for.
         what: String,
-        /// Seconds waited.
-        secs: f64,
+        /// Seconds waited; `None` when another process (the VM's supervisor) waited and
+        /// `what` says how long.
+        secs: Option<f64>,
     },
     /// A disk could not be made, found or used.
     #[error("disk: {0}")]
@@ -129,22 +139,24 @@ pub enum Error {
     #[error("QEMU monitor error: {0}")]
     Qmp(String),
     /// A port forward could not be made, found or used (the message names the port).
-    #[error("port forward: {0}")]
-    Forward(String),
+    #[error("port forward: {message}")]
+    Forward {
+        /// What kind of failure (a port taken is `Busy`, a bad address `InvalidInput`, no
+        /// such forward `NotFound`).
+        kind: ErrorKind,
+        /// What happened.
+        message: String,
+    },
     /// The VM's network (TAP device, address, nftables rules) could not be set up or removed.
     #[error("network: {0}")]
     Network(String),
     /// Saving or restoring a VM's state (a snapshot or a template) failed.
     #[error("snapshot: {0}")]
     Snapshot(String),
-    /// The VM's monitor cannot do this (the fake test monitor saves no state).
-    #[error("the {vmm} monitor cannot {operation}; VMs run by QEMU can")]
-    Unsupported {
-        /// The monitor's name.
-        vmm: &'static str,
-        /// What was asked of it.
-        operation: &'static str,
-    },
+    /// The VM's monitor cannot do this (the fake test monitor saves no state and gives no
+    /// network); the message names the monitor, what was asked and what can do it.
+    #[error("{0}")]
+    Unsupported(String),
     /// No snapshot has this name.
     #[error("no snapshot named {0:?} (see `smolvm snapshot ls`)")]
     SnapshotNotFound(String),
@@ -159,6 +171,48 @@ pub enum Error {
         /// What does not read.
         what: String,
     },
+    /// A snapshot cannot be removed while VMs build on it.
+    #[error(
+        "snapshot {name:?} is in use by {}: those VMs' disks build on it; delete them first",
+        .users.join(", ")
+    )]
+    SnapshotInUse {
+        /// The snapshot's name.
+        name: String,
+        /// The VMs whose disks build on it.
+        users: Vec<String>,
+    },
+    /// A program smolvm runs (not a host tool from a Debian package) cannot be found.
+    #[error("cannot find the `{binary}` binary {purpose}; {hint}")]
+    MissingBinary {
+        /// The program's name.
+        binary: &'static str,
+        /// What it is for.
+        purpose: &'static str,
+        /// How to provide it.
+        hint: &'static str,
+    },
+    /// A VM's supervisor speaks another version of the client/supervisor API than this
+    /// build (it was started by another smolvm, e.g. the one bundled with the Python SDK).
+    #[error(
+        "VM {id}'s supervisor speaks API version {supervisor}, this smolvm speaks {client}: \
+         stop the VM (`smolvm stop {id}` stops it either way) and start it again with this \
+         smolvm, or use the smolvm that started it{}",
+        if *.supervisor == 0 { " (version 0: a supervisor from before API versions)" } else { "" }
+    )]
+    ApiVersion {
+        /// VM id.
+        id: String,
+        /// The version the supervisor speaks (0: it predates versioning and sent no hello).
+        supervisor: u32,
+        /// The version this build speaks ([`smolvm_protocol::API_VERSION`]).
+        client: u32,
+    },
+}
+
+/// " after 2.0 s" for a known wait, "" otherwise.
+fn after(secs: Option<f64>) -> String {
+    secs.map(|s| format!(" after {s:.1} s")).unwrap_or_default()
 }
 
 /// Result alias for the runtime.
@@ -171,6 +225,80 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) 
 }
 
 impl Error {
+    /// A guest agent error of this kind.
+    pub(crate) fn agent(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error::Agent {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// What a monitor cannot do: "the VMM monitor cannot OPERATION; VMs run by QEMU can".
+    pub(crate) fn unsupported_by(vmm: &str, operation: &str) -> Error {
+        Error::Unsupported(format!(
+            "the {vmm} monitor cannot {operation}; VMs run by QEMU can"
+        ))
+    }
+
+    /// A port forward error of this kind.
+    pub(crate) fn forward(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error::Forward {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// What kind of failure this is, as sent across a process boundary (see
+    /// [`Error::into_wire`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidConfig { .. } => ErrorKind::InvalidInput,
+            Error::VmNotFound(_) | Error::SnapshotNotFound(_) | Error::MissingBinary { .. } => {
+                ErrorKind::NotFound
+            }
+            Error::VmExists(_) | Error::SnapshotInUse { .. } => ErrorKind::Busy,
+            Error::BadState { .. } | Error::Cancelled | Error::ApiVersion { .. } => {
+                ErrorKind::Refused
+            }
+            Error::Image(e) if e.is_usage() => ErrorKind::InvalidInput,
+            Error::MissingTool { .. } | Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::CorruptRecord { .. } => ErrorKind::Io,
+            Error::ReadyTimeout { .. } | Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::VmGone { .. } => ErrorKind::GuestGone,
+            Error::Agent { kind, .. } | Error::Forward { kind, .. } => *kind,
+            Error::Image(_)
+            | Error::StartFailed { .. }
+            | Error::Protocol { .. }
+            | Error::Store { .. }
+            | Error::Io { .. }
+            | Error::Disk(_)
+            | Error::GuestFile { .. }
+            | Error::Qmp(_)
+            | Error::Network(_)
+            | Error::Snapshot(_) => ErrorKind::Io,
+        }
+    }
+
+    /// The error as sent to a client: its kind, and a message the client puts in the error
+    /// it makes of it. Variants the client makes again from the kind (a forward, a guest
+    /// agent, a snapshot error, a VM gone, a timeout) send their own text without the prefix
+    /// the client adds back.
+    pub fn into_wire(self) -> WireError {
+        let kind = self.kind();
+        let message = match self {
+            Error::Agent { message, .. } | Error::Forward { message, .. } => message,
+            Error::Snapshot(message) => message,
+            Error::VmGone { reason, .. } => reason,
+            Error::Timeout {
+                what,
+                secs: Some(secs),
+            } => format!("{what} (for {secs:.1} s)"),
+            Error::Timeout { what, secs: None } => what,
+            other => other.to_string(),
+        };
+        WireError { kind, message }
+    }
+
     /// Whether this error is the user's input being wrong (CLI exit code 2).
     pub fn is_usage(&self) -> bool {
         matches!(

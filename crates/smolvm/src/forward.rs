@@ -57,11 +57,14 @@ impl Vm {
             .rt
             .with_store(|s| s.remove_forwards(self.id(), host_port))?;
         if removed == 0 {
-            return Err(Error::Forward(format!(
-                "VM {} has no forward on host port {host_port} (see `smolvm port {}`)",
-                self.id(),
-                self.id()
-            )));
+            return Err(Error::forward(
+                crate::error::ErrorKind::NotFound,
+                format!(
+                    "VM {} has no forward on host port {host_port} (see `smolvm port {}`)",
+                    self.id(),
+                    self.id()
+                ),
+            ));
         }
         Ok(())
     }

@@ -33,7 +33,7 @@ mod vm;
 
 pub use client::{CancelToken, OutputStream};
 pub use config::{DiskMode, EgressDefault, NetworkMode, VmConfig};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use exec::{ExecOptions, ExecOutput};
 pub use files::GuestFileInfo;
 pub use forward::ForwardInfo;

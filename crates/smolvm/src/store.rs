@@ -688,11 +688,14 @@ impl Store {
                     .optional()
                     .map_err(db_err("reading port forwards"))?;
                 let holder = holder.unwrap_or_else(|| "another VM".into());
-                Err(Error::Forward(format!(
-                    "host port {}:{} is already recorded as a forward of VM {holder} \
+                Err(Error::forward(
+                    crate::error::ErrorKind::Busy,
+                    format!(
+                        "host port {}:{} is already recorded as a forward of VM {holder} \
                      (remove it with `smolvm port {holder} --rm {}`, or choose another host port)",
-                    f.host_addr, f.host_port, f.host_port
-                )))
+                        f.host_addr, f.host_port, f.host_port
+                    ),
+                ))
             }
             Err(e) => Err(db_err("recording the port forward")(e)),
         }
@@ -1053,7 +1056,16 @@ mod tests {
         s.add_forward("a", &fwd("127.0.0.1", 8443, 443)).unwrap();
         // Taken by a: refused, naming the holder.
         let err = s.add_forward("b", &fwd("127.0.0.1", 8080, 81)).unwrap_err();
-        assert!(matches!(err, Error::Forward(_)), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::Forward {
+                    kind: crate::error::ErrorKind::Busy,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(err.to_string().contains("VM a"), "{err}");
         s.add_forward("b", &fwd("127.0.0.1", 9000, 90)).unwrap();
         assert_eq!(

@@ -916,10 +916,11 @@ pub(crate) fn resolve_network(mut config: VmConfig) -> Result<VmConfig> {
                 config.network = NetworkMode::None;
                 Ok(config)
             }
-            NetworkMode::Nat | NetworkMode::User => Err(Error::Unsupported {
-                vmm: "fake",
-                operation: "give a VM a network (nat or user); use --network none",
-            }),
+            NetworkMode::Nat | NetworkMode::User => Err(Error::Unsupported(
+                "the fake monitor cannot give a VM a network (nat or user): use --network none, \
+                 or let QEMU run VMs (unset SMOLVM_VMM)"
+                    .into(),
+            )),
         };
     }
     match config.network {

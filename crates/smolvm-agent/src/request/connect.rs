@@ -9,7 +9,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use smolvm_protocol::GuestMessage;
+use smolvm_protocol::{ErrorKind, GuestMessage, WireError};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -24,15 +24,19 @@ const COPY_BUF: usize = 64 * 1024;
 /// Serves a stream whose first frame was `Connect { port }`.
 pub async fn handle(transport: Transport, port: u16) {
     if port == 0 {
-        return refuse(transport, "cannot connect to port 0".into()).await;
+        let why = WireError::new(ErrorKind::InvalidInput, "cannot connect to port 0");
+        return refuse(transport, why).await;
     }
     let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, dial(port)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(why)) => return refuse(transport, why).await,
         Err(_) => {
-            let why = format!(
-                "port {port} in the guest did not accept the connection within {} s",
-                CONNECT_TIMEOUT.as_secs()
+            let why = WireError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "port {port} in the guest did not accept the connection within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
             );
             return refuse(transport, why).await;
         }
@@ -59,7 +63,7 @@ pub async fn handle(transport: Transport, port: u16) {
 }
 
 /// Connects to the port on IPv4 loopback, then IPv6 loopback; the error names both tries.
-async fn dial(port: u16) -> Result<TcpStream, String> {
+async fn dial(port: u16) -> Result<TcpStream, WireError> {
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let first = match TcpStream::connect(v4).await {
         Ok(s) => return Ok(s),
@@ -68,8 +72,11 @@ async fn dial(port: u16) -> Result<TcpStream, String> {
     let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
     match TcpStream::connect(v6).await {
         Ok(s) => Ok(s),
-        Err(second) => Err(format!(
-            "nothing accepts connections on port {port} in the guest ({v4}: {first}; {v6}: {second})"
+        Err(second) => Err(WireError::new(
+            ErrorKind::NotFound,
+            format!(
+                "nothing accepts connections on port {port} in the guest ({v4}: {first}; {v6}: {second})"
+            ),
         )),
     }
 }

@@ -15,7 +15,7 @@ use futures::{SinkExt, StreamExt};
 use serde_bytes::ByteBuf;
 use smolvm_protocol::{
     codec, decode, encode, Command, EnvUpdate, ExecRequest, ExitStatus, GuestMessage, Hello,
-    HostMessage, PROTOCOL_VERSION,
+    HostMessage, WireError, PROTOCOL_VERSION,
 };
 use smolvm_testing::poll_until_async;
 use tokio::net::UnixStream;
@@ -237,7 +237,7 @@ pub struct Outcome {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub exit: Option<ExitStatus>,
-    pub error: Option<String>,
+    pub error: Option<WireError>,
     /// Messages that arrived after the last one (must stay empty).
     pub after_end: usize,
 }

@@ -13,6 +13,7 @@ import os as _os
 from . import _native
 from . import exceptions as _exceptions
 from .exceptions import (
+    APIVersionError,
     CommandExecutionUnavailableError,
     FileTransferError,
     HostError,

@@ -19,6 +19,7 @@ __all__ = [
     "FileTransferError",
     "SnapshotError",
     "SnapshotNotFoundError",
+    "APIVersionError",
 ]
 
 
@@ -68,7 +69,10 @@ class ImageError(SmolVMError):
 
 
 class NetworkError(SmolVMError):
-    """Networking (devices, addresses, forwards) failed."""
+    """Networking failed: nat networking unavailable on this host, the address pool full, a
+    TAP device or nftables rule that could not be made, egress lists that need nat, or a
+    port forward (``kind`` says which kind of forward failure: ``"busy"``, ``"not found"``,
+    ``"invalid input"``, ...)."""
 
 
 class HostError(SmolVMError):
@@ -77,12 +81,15 @@ class HostError(SmolVMError):
 
 class OperationTimeoutError(SmolVMError):
     """An operation outlived its timeout. For commands, the process and its process group
-    were killed; ``stdout``/``stderr`` hold what it printed before."""
+    were killed; ``stdout``/``stderr`` hold what it printed before. ``timeout_seconds`` is
+    ``None`` when the VM's supervisor gave up waiting (the message says for how long)."""
 
     operation: str
-    timeout_seconds: float
+    timeout_seconds: Optional[float]
 
-    def __init__(self, message: str = "", *, operation: str = "", timeout_seconds: float = 0.0, **kw: Any) -> None:
+    def __init__(
+        self, message: str = "", *, operation: str = "", timeout_seconds: Optional[float] = None, **kw: Any
+    ) -> None:
         kw.setdefault("stdout", b"")
         kw.setdefault("stderr", b"")
         super().__init__(message, operation=operation, timeout_seconds=timeout_seconds, **kw)
@@ -115,3 +122,14 @@ class SnapshotNotFoundError(SnapshotError):
     """No snapshot has this name (``name``)."""
 
     name: str
+
+
+class APIVersionError(SmolVMError):
+    """The VM's supervisor was started by a smolvm that speaks another version of the
+    client/supervisor API (``supervisor_version``; ``client_version`` is this one's; 0 is a
+    supervisor from before API versions). Stop the VM and start it again with this smolvm,
+    or use the smolvm that started it."""
+
+    vm_id: str
+    supervisor_version: int
+    client_version: int

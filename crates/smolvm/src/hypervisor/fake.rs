@@ -53,20 +53,12 @@ pub fn agent_binary() -> Result<PathBuf> {
         }
     }
     looked
-        .iter()
+        .into_iter()
         .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| Error::StartFailed {
-            id: String::new(),
-            reason: format!(
-                "the fake monitor needs the smolvm-agent binary (looked at {}); build it with \
-                 `cargo build -p smolvm-agent` or point SMOLVM_AGENT_BIN at one",
-                looked
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+        .ok_or(Error::MissingBinary {
+            binary: "smolvm-agent",
+            purpose: "that the fake monitor runs (beside `smolvm`, or its static build)",
+            hint: "build it with `cargo build -p smolvm-agent`, or point SMOLVM_AGENT_BIN at one",
         })
 }
 
@@ -120,10 +112,10 @@ impl Vmm for FakeVmm {
 
     fn launch(spec: &LaunchSpec, ep: &Endpoints) -> Result<FakeVmm> {
         if spec.restore.is_some() || spec.template_out.is_some() {
-            return Err(Error::Unsupported {
-                vmm: Self::NAME,
-                operation: "resume a saved state or make a template",
-            });
+            return Err(Error::unsupported_by(
+                Self::NAME,
+                "resume a saved state or make a template",
+            ));
         }
         // The agent's environment store, standing in for the guest's root.
         let root = ep.agent.with_file_name("fake-root");
@@ -156,10 +148,7 @@ impl Vmm for FakeVmm {
     }
 
     async fn load(&mut self, _from: &RestoreFrom) -> Result<()> {
-        Err(Error::Unsupported {
-            vmm: Self::NAME,
-            operation: "load a saved state",
-        })
+        Err(Error::unsupported_by(Self::NAME, "load a saved state"))
     }
 
     async fn agent(&mut self) -> Result<UnixStream> {
@@ -181,24 +170,15 @@ impl Vmm for FakeVmm {
     }
 
     async fn pause(&mut self) -> Result<()> {
-        Err(Error::Unsupported {
-            vmm: Self::NAME,
-            operation: "pause a VM",
-        })
+        Err(Error::unsupported_by(Self::NAME, "pause a VM"))
     }
 
     async fn resume(&mut self) -> Result<()> {
-        Err(Error::Unsupported {
-            vmm: Self::NAME,
-            operation: "resume a VM",
-        })
+        Err(Error::unsupported_by(Self::NAME, "resume a VM"))
     }
 
     async fn save(&mut self, _memory: &Path, _ram: SavedRam) -> Result<()> {
-        Err(Error::Unsupported {
-            vmm: Self::NAME,
-            operation: "save a VM's state",
-        })
+        Err(Error::unsupported_by(Self::NAME, "save a VM's state"))
     }
 
     fn exit_signal(&self) -> ExitSignal {

@@ -105,10 +105,9 @@ impl Runtime {
         })?;
         let users = self.store().vms_on_base(&Base::snapshot(name))?;
         if !users.is_empty() {
-            return Err(Error::BadState {
-                id: name.to_string(),
-                state: format!("in use by {}", users.join(", ")),
-                hint: "those VMs' disks build on the snapshot; delete them first".into(),
+            return Err(Error::SnapshotInUse {
+                name: name.to_string(),
+                users,
             });
         }
         super::remove_dir(&saved.dir)

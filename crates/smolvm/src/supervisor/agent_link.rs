@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::Framed;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 /// A framed request stream to the agent.
 pub type AgentStream = Framed<Compat<yamux::Stream>, tokio_util::codec::LengthDelimitedCodec>;
@@ -118,7 +118,12 @@ impl AgentLink {
     /// Opens a new framed stream to the agent.
     pub async fn open(&self) -> Result<AgentStream> {
         let (tx, rx) = oneshot::channel();
-        let gone = |r: String| Error::Agent(format!("cannot reach the guest agent: {r}"));
+        let gone = |r: String| {
+            Error::agent(
+                ErrorKind::GuestGone,
+                format!("cannot reach the guest agent: {r}"),
+            )
+        };
         self.open_tx
             .send(tx)
             .await
@@ -127,7 +132,7 @@ impl AgentLink {
             .await
             .map_err(|_| Error::Timeout {
                 what: "a new agent stream".into(),
-                secs: 10.0,
+                secs: Some(10.0),
             })?
             .map_err(|_| gone("agent session has ended".into()))?
             .map_err(gone)?;
@@ -151,19 +156,22 @@ impl AgentLink {
         match recv(&mut s).await? {
             Some(GuestMessage::Hello(reply)) => {
                 if reply.protocol_version != PROTOCOL_VERSION {
-                    return Err(Error::Agent(format!(
+                    return Err(Error::agent(ErrorKind::Refused, format!(
                         "the image's agent speaks protocol {} but this smolvm speaks {}; rebuild the image with `smolvm image build --force`",
                         reply.protocol_version, PROTOCOL_VERSION
                     )));
                 }
                 Ok(bounded(reply))
             }
-            Some(GuestMessage::Error(e)) => Err(Error::Agent(e)),
-            Some(other) => Err(Error::Agent(format!(
-                "unexpected handshake reply: {}",
-                describe(&other)
-            ))),
-            None => Err(Error::Agent("agent closed the handshake stream".into())),
+            Some(GuestMessage::Error(e)) => Err(from_agent(e)),
+            Some(other) => Err(Error::agent(
+                ErrorKind::Io,
+                format!("unexpected handshake reply: {}", describe(&other)),
+            )),
+            None => Err(Error::agent(
+                ErrorKind::GuestGone,
+                "agent closed the handshake stream",
+            )),
         }
     }
 }
@@ -175,7 +183,7 @@ impl AgentLink {
         let to = "an environment update";
         match ask(&mut s, &HostMessage::Env(update), ENV_REPLY, to).await? {
             GuestMessage::Env(vars) => Ok(vars),
-            GuestMessage::Error(e) => Err(Error::Agent(e)),
+            GuestMessage::Error(e) => Err(from_agent(e)),
             other => Err(unexpected(&other, to)),
         }
     }
@@ -196,7 +204,7 @@ impl AgentLink {
         .await?
         {
             GuestMessage::Ok => Ok(()),
-            GuestMessage::Error(e) => Err(Error::Agent(e)),
+            GuestMessage::Error(e) => Err(from_agent(e)),
             other => Err(unexpected(&other, to)),
         }
     }
@@ -212,7 +220,10 @@ impl AgentLink {
                 let parts = s.into_parts();
                 Ok((parts.io, parts.read_buf))
             }
-            GuestMessage::Error(e) => Err(Error::Forward(e)),
+            GuestMessage::Error(e) => Err(Error::Forward {
+                kind: e.kind,
+                message: e.message,
+            }),
             other => Err(unexpected(&other, &to)),
         }
     }
@@ -242,11 +253,12 @@ impl AgentLink {
             loop {
                 match recv(&mut s).await? {
                     Some(GuestMessage::Exited(st)) => return Ok(st.code),
-                    Some(GuestMessage::Error(e)) => return Err(Error::Agent(e)),
+                    Some(GuestMessage::Error(e)) => return Err(from_agent(e)),
                     Some(_) => continue,
                     None => {
-                        return Err(Error::Agent(
-                            "agent closed the stream before the command ended".into(),
+                        return Err(Error::agent(
+                            ErrorKind::GuestGone,
+                            "agent closed the stream before the command ended",
                         ))
                     }
                 }
@@ -256,7 +268,7 @@ impl AgentLink {
             .await
             .map_err(|_| Error::Timeout {
                 what: format!("the guest to run {line:?}"),
-                secs: limit.as_secs_f64(),
+                secs: Some(limit.as_secs_f64()),
             })?
     }
 
@@ -266,8 +278,11 @@ impl AgentLink {
         send(&mut s, &HostMessage::Shutdown).await?;
         match recv(&mut s).await? {
             Some(GuestMessage::Ok) => Ok(()),
-            Some(GuestMessage::Error(e)) => Err(Error::Agent(e)),
-            _ => Err(Error::Agent("the agent did not accept the shutdown".into())),
+            Some(GuestMessage::Error(e)) => Err(from_agent(e)),
+            _ => Err(Error::agent(
+                ErrorKind::Refused,
+                "the agent did not accept the shutdown",
+            )),
         }
     }
 }
@@ -312,14 +327,30 @@ async fn ask(
         .await
         .map_err(|_| Error::Timeout {
             what: format!("the guest agent to answer {to}"),
-            secs: limit.as_secs_f64(),
+            secs: Some(limit.as_secs_f64()),
         })??
-        .ok_or_else(|| Error::Agent(format!("agent closed the stream without answering {to}")))
+        .ok_or_else(|| {
+            Error::agent(
+                ErrorKind::GuestGone,
+                format!("agent closed the stream without answering {to}"),
+            )
+        })
 }
 
 /// The error for an answer that makes no sense to `to`.
 fn unexpected(reply: &GuestMessage, to: &str) -> Error {
-    Error::Agent(format!("unexpected reply to {to}: {}", describe(reply)))
+    Error::agent(
+        ErrorKind::Io,
+        format!("unexpected reply to {to}: {}", describe(reply)),
+    )
+}
+
+/// An error the agent answered, with the kind it gave.
+fn from_agent(e: smolvm_protocol::WireError) -> Error {
+    Error::Agent {
+        kind: e.kind,
+        message: e.message,
+    }
 }
 
 /// Sends one message on an agent stream.
@@ -328,9 +359,12 @@ pub async fn send(s: &mut AgentStream, msg: &HostMessage) -> Result<()> {
         peer: "guest agent",
         source,
     })?;
-    s.send(bytes::Bytes::from(bytes))
-        .await
-        .map_err(|e| Error::Agent(format!("sending to the agent failed: {e}")))
+    s.send(bytes::Bytes::from(bytes)).await.map_err(|e| {
+        Error::agent(
+            ErrorKind::GuestGone,
+            format!("sending to the agent failed: {e}"),
+        )
+    })
 }
 
 /// Receives one message from an agent stream (`None` at end of stream). Everything the
@@ -338,7 +372,10 @@ pub async fn send(s: &mut AgentStream, msg: &HostMessage) -> Result<()> {
 pub async fn recv(s: &mut AgentStream) -> Result<Option<GuestMessage>> {
     match s.next().await {
         None => Ok(None),
-        Some(Err(e)) => Err(Error::Agent(format!("reading from the agent failed: {e}"))),
+        Some(Err(e)) => Err(Error::agent(
+            ErrorKind::GuestGone,
+            format!("reading from the agent failed: {e}"),
+        )),
         Some(Ok(bytes)) => decode(&bytes).map(Some).map_err(|source| Error::Protocol {
             peer: "guest agent",
             source,

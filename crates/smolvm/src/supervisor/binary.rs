@@ -38,8 +38,9 @@ pub fn supervisor_binary() -> Result<PathBuf> {
             }
         }
     }
-    crate::util::which("smolvm").ok_or_else(|| Error::StartFailed {
-        id: String::new(),
-        reason: "cannot find the `smolvm` binary that runs VM supervisors; put it on PATH or set SMOLVM_BIN".into(),
+    crate::util::which("smolvm").ok_or(Error::MissingBinary {
+        binary: "smolvm",
+        purpose: "that runs VM supervisors",
+        hint: "put it on PATH or set SMOLVM_BIN",
     })
 }

@@ -148,7 +148,7 @@ impl<V: Vmm> Machine<'_, V> {
                 }
                 Some((what, done)) = control_rx.recv() => {
                     let r = self.control(what).await;
-                    let _ = done.send(r.map_err(|e| e.to_string()));
+                    let _ = done.send(r.map_err(crate::error::Error::into_wire));
                 }
                 req = stop_rx.recv() => {
                     let (graceful_ms, done) = match req {

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::agent_link::AgentLink;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::store::Store;
 
 /// Connections one forward serves at once; more are closed as they come.
@@ -121,10 +121,13 @@ impl Forwards {
                 .host_addr
                 .parse::<IpAddr>()
                 .map_err(|_| {
-                    Error::Forward(format!(
-                        "recorded host address {:?} is not an IP address",
-                        info.host_addr
-                    ))
+                    Error::forward(
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "recorded host address {:?} is not an IP address",
+                            info.host_addr
+                        ),
+                    )
                 })
                 .and_then(|addr| {
                     let listener = listen(SocketAddr::new(addr, info.host_port))?;
@@ -153,16 +156,20 @@ impl Forwards {
         bind: Option<&str>,
     ) -> Result<ForwardInfo> {
         if guest_port == 0 {
-            return Err(Error::Forward(
-                "guest port 0 cannot be forwarded (ports are 1-65535)".into(),
+            return Err(Error::forward(
+                ErrorKind::InvalidInput,
+                "guest port 0 cannot be forwarded (ports are 1-65535)",
             ));
         }
         let addr = match bind {
             None => DEFAULT_BIND,
             Some(b) => b.parse::<IpAddr>().map_err(|_| {
-                Error::Forward(format!(
-                    "bind address {b:?} is not an IP address (e.g. 127.0.0.1, ::1, 0.0.0.0)"
-                ))
+                Error::forward(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "bind address {b:?} is not an IP address (e.g. 127.0.0.1, ::1, 0.0.0.0)"
+                    ),
+                )
             })?,
         };
         let host_port = host_port.unwrap_or(0);
@@ -171,20 +178,28 @@ impl Forwards {
                 if a.info.guest_port == guest_port {
                     return Ok(a.info.clone());
                 }
-                return Err(Error::Forward(format!(
-                    "host port {} already forwards to guest port {} of VM {}; remove it first \
+                return Err(Error::forward(
+                    ErrorKind::Busy,
+                    format!(
+                        "host port {} already forwards to guest port {} of VM {}; remove it first \
                      with `smolvm port {} --rm {host_port}`",
-                    show(addr, host_port),
-                    a.info.guest_port,
-                    self.vm_id,
-                    self.vm_id
-                )));
+                        show(addr, host_port),
+                        a.info.guest_port,
+                        self.vm_id,
+                        self.vm_id
+                    ),
+                ));
             }
         }
         let listener = listen(SocketAddr::new(addr, host_port))?;
         let port = listener
             .local_addr()
-            .map_err(|e| Error::Forward(format!("the new listener has no address: {e}")))?
+            .map_err(|e| {
+                Error::forward(
+                    ErrorKind::Io,
+                    format!("the new listener has no address: {e}"),
+                )
+            })?
             .port();
         let info = ForwardInfo {
             host_addr: addr.to_string(),
@@ -200,14 +215,17 @@ impl Forwards {
         {
             Some(f) if f.guest_port == guest_port => {}
             Some(f) => {
-                return Err(Error::Forward(format!(
-                    "host port {} is recorded as a forward to guest port {} of VM {}; remove \
+                return Err(Error::forward(
+                    ErrorKind::Busy,
+                    format!(
+                        "host port {} is recorded as a forward to guest port {} of VM {}; remove \
                      it first with `smolvm port {} --rm {port}`",
-                    show(addr, port),
-                    f.guest_port,
-                    self.vm_id,
-                    self.vm_id
-                )))
+                        show(addr, port),
+                        f.guest_port,
+                        self.vm_id,
+                        self.vm_id
+                    ),
+                ))
             }
             None => {
                 let row = info.clone();
@@ -244,10 +262,13 @@ impl Forwards {
             .db(move |s, id| s.remove_forwards(id, host_port))
             .await?;
         if removed_live == 0 && removed_rows == 0 {
-            return Err(Error::Forward(format!(
-                "VM {} has no forward on host port {host_port} (see `smolvm port {}`)",
-                self.vm_id, self.vm_id
-            )));
+            return Err(Error::forward(
+                ErrorKind::NotFound,
+                format!(
+                    "VM {} has no forward on host port {host_port} (see `smolvm port {}`)",
+                    self.vm_id, self.vm_id
+                ),
+            ));
         }
         Ok(())
     }
@@ -285,23 +306,30 @@ fn show(addr: IpAddr, port: u16) -> String {
 fn listen(at: SocketAddr) -> Result<TcpListener> {
     let fail = |e: std::io::Error| {
         let what = show(at.ip(), at.port());
-        Error::Forward(match e.kind() {
-            std::io::ErrorKind::AddrInUse => format!(
-                "host port {what} is already in use (by another program or forward); choose \
-                 another host port, or leave it out to get a free one"
+        match e.kind() {
+            std::io::ErrorKind::AddrInUse => Error::forward(
+                ErrorKind::Busy,
+                format!(
+                    "host port {what} is already in use (by another program or forward); \
+                     choose another host port, or leave it out to get a free one"
+                ),
             ),
-            std::io::ErrorKind::PermissionDenied => format!(
-                "not allowed to listen on {what} (ports below 1024 need root or \
-                 CAP_NET_BIND_SERVICE)"
+            std::io::ErrorKind::PermissionDenied => Error::forward(
+                ErrorKind::Refused,
+                format!(
+                    "not allowed to listen on {what} (ports below 1024 need root or \
+                     CAP_NET_BIND_SERVICE)"
+                ),
             ),
-            std::io::ErrorKind::AddrNotAvailable => {
+            std::io::ErrorKind::AddrNotAvailable => Error::forward(
+                ErrorKind::InvalidInput,
                 format!(
                     "cannot listen on {what}: {} is not an address of this host",
                     at.ip()
-                )
-            }
-            _ => format!("cannot listen on {what}: {e}"),
-        })
+                ),
+            ),
+            _ => Error::forward(ErrorKind::Io, format!("cannot listen on {what}: {e}")),
+        }
     };
     let sock = if at.is_ipv4() {
         TcpSocket::new_v4()

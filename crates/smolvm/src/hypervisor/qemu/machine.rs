@@ -40,7 +40,7 @@ async fn accept(l: &UnixListener, what: &str) -> Result<UnixStream> {
         Ok(Err(e)) => Err(io_err(format!("accepting QEMU's {what} connection"))(e)),
         Err(_) => Err(Error::Timeout {
             what: format!("QEMU to connect its {what}"),
-            secs: CONNECT.as_secs_f64(),
+            secs: Some(CONNECT.as_secs_f64()),
         }),
     }
 }

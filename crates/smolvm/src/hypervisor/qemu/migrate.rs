@@ -96,7 +96,7 @@ async fn wait_migration(qmp: &mut Qmp, what: &str) -> Result<()> {
         if tokio::time::Instant::now() >= deadline {
             return Err(Error::Timeout {
                 what: what.to_string(),
-                secs: TRANSFER_LIMIT.as_secs_f64(),
+                secs: Some(TRANSFER_LIMIT.as_secs_f64()),
             });
         }
         tokio::time::sleep(POLL).await;

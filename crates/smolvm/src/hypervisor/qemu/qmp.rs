@@ -64,7 +64,7 @@ impl Qmp {
             .await
             .map_err(|_| Error::Timeout {
                 what: "the QEMU monitor".into(),
-                secs: timeout.as_secs_f64(),
+                secs: Some(timeout.as_secs_f64()),
             })??;
         serde_json::from_slice(&line).map_err(|e| Error::Qmp(format!("bad JSON from QEMU: {e}")))
     }
