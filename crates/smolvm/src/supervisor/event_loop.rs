@@ -72,7 +72,7 @@ pub(super) async fn run<V: Vmm>(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> 
     tracing::info!(id = %spec.id, "recorded as running");
     // The VM's recorded port forwards come back with it.
     let forwards = forward::Forwards::new(&spec.id, link.clone(), Store::open(&spec.db_path)?);
-    if let Err(e) = forwards.restore() {
+    if let Err(e) = forwards.restore().await {
         tracing::warn!("could not read the VM's port forwards: {e}");
     }
     emit(&StartupEvent::Ready {

@@ -83,10 +83,6 @@ impl Forwards {
         }
     }
 
-    fn store(&self) -> MutexGuard<'_, Store> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Runs `f` on the store in tokio's blocking pool: a SQLite call can wait up to its busy
     /// timeout, and the thread it would block relays every request of the VM.
     async fn db<T, F>(&self, f: F) -> Result<T>
@@ -113,8 +109,8 @@ impl Forwards {
 
     /// Re-establishes the VM's recorded forwards (at start). Those that cannot be bound
     /// (their port taken meanwhile) stay recorded and are returned with the reason.
-    pub fn restore(&self) -> Result<Vec<(ForwardInfo, Error)>> {
-        let recorded = self.store().forwards(&self.vm_id)?;
+    pub async fn restore(&self) -> Result<Vec<(ForwardInfo, Error)>> {
+        let recorded = self.db(|s, id| s.forwards(id)).await?;
         let mut failed = Vec::new();
         for info in recorded {
             let res = info
