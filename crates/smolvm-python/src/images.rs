@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 
 use crate::errors::image_to_py;
 
-/// Where images are kept (`$SMOLVM_IMAGES_DIR`, or the data directory's `images`).
+/// Where images are kept: `$SMOLVM_IMAGE_DIR`, else `$SMOLVM_DATA_DIR/images`, else the XDG data directory's `smolvm/images`.
 #[pyfunction]
 pub fn default_images_dir() -> String {
     smolvm_image::default_images_dir().display().to_string()
