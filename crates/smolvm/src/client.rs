@@ -554,6 +554,11 @@ mod tests {
             (
                 ErrorKind::Unsupported,
                 |c| c.control(&ApiRequest::Resume).unwrap_err(),
+                |e| matches!(e, Error::Unsupported(_)),
+            ),
+            (
+                ErrorKind::Refused,
+                |c| c.control(&ApiRequest::Pause).unwrap_err(),
                 |e| matches!(e, Error::Snapshot(_)),
             ),
         ];
