@@ -39,7 +39,12 @@ impl Host {
         let vmm = VmmKind::from_env()?;
         let accel = match vmm {
             VmmKind::Qemu => crate::hypervisor::detect_accelerator(),
-            VmmKind::Fake => AccelReport::fake(),
+            VmmKind::Fake => {
+                tracing::warn!(
+                    "SMOLVM_VMM=fake: no VM runs and nothing is isolated; commands run on this host"
+                );
+                AccelReport::fake()
+            }
         };
         Ok(Host { vmm, accel })
     }
