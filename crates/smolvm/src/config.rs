@@ -368,6 +368,13 @@ impl VmConfig {
 }
 
 fn check_file(field: &'static str, path: &std::path::Path) -> Result<()> {
+    if let Err(why) = crate::hypervisor::qemu::check_path(path) {
+        return Err(Error::InvalidConfig {
+            field,
+            value: path.display().to_string(),
+            allowed: format!("a path QEMU can be given safely: {why}"),
+        });
+    }
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(()),
         Ok(_) => Err(Error::InvalidConfig {
@@ -603,6 +610,23 @@ mod tests {
         validate_id(&generate_id()).unwrap();
         for bad in ["", "Upper", "a_b", "-x", &"a".repeat(64), "a/b", "a b"] {
             assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_path_with_a_comma_is_refused_before_it_reaches_qemu() {
+        let dir = tempfile::tempdir().unwrap();
+        let sneaky = dir.path().join("x,backing.file.filename=etc-shadow");
+        std::fs::write(&sneaky, b"").unwrap();
+        for field in ["kernel_path", "rootfs_path", "disk_path"] {
+            let mut c = VmConfig::default();
+            match field {
+                "kernel_path" => c.kernel_path = Some(sneaky.clone()),
+                "rootfs_path" => c.rootfs_path = Some(sneaky.clone()),
+                _ => c.disk_path = Some(sneaky.clone()),
+            }
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("comma"), "{e}");
         }
     }
 }

@@ -63,12 +63,13 @@ impl Vmm for QemuVmm {
                 reason: "QEMU needs an accelerator (kvm or tcg); the spec names none".into(),
             });
         }
+        let args = QemuMicrovm::checked_args(spec, ep)?;
         // QEMU connects to the host's sockets: they listen before it starts.
         let agent_l = bind(&ep.agent)?;
         let console_l = bind(&ep.console)?;
         let qmp_l = bind(&ep.control)?;
         let mut cmd = std::process::Command::new(QemuMicrovm::binary()?);
-        cmd.args(QemuMicrovm::args(spec, ep));
+        cmd.args(args);
         let process = MonitorProcess::spawn(cmd, &ep.log, "QEMU")?;
         Ok(QemuVmm {
             process,

@@ -26,6 +26,48 @@ pub const BASE_BOOT_ARGS: &str =
 /// tick stop) go.
 pub const IDLE_BOOT_ARGS: &str = "nowatchdog psi=0 sysctl.vm.compaction_proactiveness=0";
 
+/// Why `path` cannot be handed to QEMU, if it cannot: QEMU reads a comma in an option value
+/// as the start of another option (`file=/x,backing.file.filename=/etc/shadow` would open
+/// what the name says), so paths with commas are refused, as are paths that are not UTF-8 or
+/// hold control characters (they would be mangled on the way).
+pub fn check_path(path: &std::path::Path) -> std::result::Result<&str, &'static str> {
+    let Some(text) = path.to_str() else {
+        return Err("it is not UTF-8");
+    };
+    if text.contains(',') {
+        return Err("it contains a comma, which QEMU reads as an option separator");
+    }
+    if text.chars().any(char::is_control) {
+        return Err("it contains a control character");
+    }
+    Ok(text)
+}
+
+/// Every path the command line of `spec` names, with what it is (for the error).
+fn named_paths<'a>(
+    spec: &'a LaunchSpec,
+    ep: &'a Endpoints,
+) -> Vec<(&'static str, &'a std::path::Path)> {
+    let mut paths: Vec<(&'static str, &std::path::Path)> = vec![
+        ("kernel", &spec.kernel),
+        ("initramfs", &spec.initrd),
+        ("disk", &spec.disk),
+        ("console socket", &ep.console),
+        ("monitor socket", &ep.control),
+        ("agent socket", &ep.agent),
+    ];
+    if let Some(out) = &spec.template_out {
+        paths.push(("template directory", out));
+    }
+    if let Some(r) = &spec.restore {
+        paths.push(("saved state", &r.memory));
+        if let Some(ram) = &r.ram {
+            paths.push(("template RAM file", ram));
+        }
+    }
+    paths
+}
+
 /// The minimal firmware for microvm, when installed (Debian ships qboot in qemu-system-data).
 pub fn firmware() -> Option<std::path::PathBuf> {
     [
@@ -111,7 +153,26 @@ impl QemuMicrovm {
         }
     }
 
-    /// The full argument list (without the program).
+    /// The full argument list (without the program), or an error naming a path that
+    /// cannot be given to QEMU safely (see [`check_path`]).
+    pub fn checked_args(spec: &LaunchSpec, ep: &Endpoints) -> Result<Vec<String>> {
+        for (what, path) in named_paths(spec, ep) {
+            if let Err(why) = check_path(path) {
+                return Err(Error::StartFailed {
+                    id: spec.id.clone(),
+                    reason: format!(
+                        "the {what} path {} cannot be given to QEMU: {why}; move it (or set \
+                         SMOLVM_HOME / SMOLVM_IMAGE_DIR to a directory whose path has none)",
+                        path.display()
+                    ),
+                });
+            }
+        }
+        Ok(Self::args(spec, ep))
+    }
+
+    /// The full argument list (without the program); the paths must have passed
+    /// [`check_path`] ([`Self::checked_args`] does that).
     pub fn args(spec: &LaunchSpec, ep: &Endpoints) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         Self::machine_and_accel(&mut a, spec);
@@ -469,5 +530,34 @@ mod tests {
         let kvm = QemuMicrovm::args(&spec(Accelerator::Kvm), &ep).join(" ");
         assert!(kvm.contains("-accel kvm -cpu host"));
         assert!(!kvm.contains("virtio-net"));
+    }
+
+    #[test]
+    fn a_path_that_would_inject_options_is_refused_naming_it() {
+        assert_eq!(
+            check_path(std::path::Path::new("/var/x.qcow2")),
+            Ok("/var/x.qcow2")
+        );
+        for bad in [
+            "/data/x,backing.file.filename=/etc/shadow",
+            "/data/x,file.locking=off",
+            "/data/line\nbreak",
+        ] {
+            assert!(check_path(std::path::Path::new(bad)).is_err(), "{bad}");
+        }
+        let ep = endpoints();
+        let mut s = spec(Accelerator::Tcg);
+        s.disk = "/data/x,backing.file.filename=/etc/shadow".into();
+        let e = QemuMicrovm::checked_args(&s, &ep).unwrap_err().to_string();
+        assert!(e.contains("disk path") && e.contains("comma"), "{e}");
+        let mut s = spec(Accelerator::Tcg);
+        s.restore = Some(crate::hypervisor::RestoreFrom {
+            memory: "/s/mem,offset=9".into(),
+            cmdline: String::new(),
+            ram: None,
+        });
+        let e = QemuMicrovm::checked_args(&s, &ep).unwrap_err().to_string();
+        assert!(e.contains("saved state"), "{e}");
+        assert!(QemuMicrovm::checked_args(&spec(Accelerator::Tcg), &ep).is_ok());
     }
 }
