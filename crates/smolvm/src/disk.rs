@@ -31,6 +31,19 @@ pub enum DiskFormat {
     Qcow2,
 }
 
+impl std::str::FromStr for DiskFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<DiskFormat> {
+        match s {
+            "raw" => Ok(DiskFormat::Raw),
+            "qcow2" => Ok(DiskFormat::Qcow2),
+            other => Err(Error::Disk(format!(
+                "unknown disk format {other:?}; only raw and qcow2 are known"
+            ))),
+        }
+    }
+}
+
 impl DiskFormat {
     /// QEMU's name for the format.
     pub fn as_str(self) -> &'static str {
@@ -146,8 +159,18 @@ const MAX_CHAIN: usize = 16;
 const MAX_INFO_BYTES: usize = 1 << 20;
 
 /// The files of `disk`'s backing chain with their formats, `disk` first and the bottom (an
-/// image's root filesystem) last. Works on disks a running VM has open.
+/// image's root filesystem) last. `disk` is read as qcow2, never probed (every disk this is
+/// asked about is a qcow2 smolvm made: an overlay, a saved state's disk, a retained disk).
+/// Works on disks a running VM has open.
 pub fn backing_chain(disk: &Path) -> Result<Vec<(PathBuf, DiskFormat)>> {
+    chain_of(disk, DiskFormat::Qcow2)
+}
+
+/// The backing chain of `disk` read as `format` (a raw disk is its own whole chain).
+fn chain_of(disk: &Path, format: DiskFormat) -> Result<Vec<(PathBuf, DiskFormat)>> {
+    if format == DiskFormat::Raw {
+        return Ok(vec![(disk.to_path_buf(), DiskFormat::Raw)]);
+    }
     #[derive(Deserialize)]
     struct Layer {
         filename: PathBuf,
@@ -157,6 +180,8 @@ pub fn backing_chain(disk: &Path) -> Result<Vec<(PathBuf, DiskFormat)>> {
         [
             "info".as_ref(),
             "-U".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
             "--backing-chain".as_ref(),
             "--output=json".as_ref(),
             disk.as_os_str(),
@@ -193,6 +218,187 @@ pub fn backing_chain(disk: &Path) -> Result<Vec<(PathBuf, DiskFormat)>> {
             (l.filename, format)
         })
         .collect())
+}
+
+/// The name, inside a VM's directory, of the file that pins its disk's format: written once
+/// when the disk is made or adopted, read at every start. A disk's format is never probed
+/// again after that: a guest that can write a raw disk can write a qcow2 header onto it.
+pub const FORMAT_FILE: &str = "disk.format";
+
+/// Pins the format of the VM's disk (in `vm_dir`, mode 0600).
+pub fn pin_format(vm_dir: &Path, format: DiskFormat) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = vm_dir.join(FORMAT_FILE);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(format.as_str().as_bytes()))
+        .map_err(io_err(format!("writing {}", path.display())))
+}
+
+/// The pinned format of the VM's disk. A VM made before formats were pinned has no pin: its
+/// disk is probed this once (as before) and the answer pinned.
+pub fn pinned_format(vm_dir: &Path, disk: &Path) -> Result<DiskFormat> {
+    let path = vm_dir.join(FORMAT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let format = detect_format(disk)?;
+            tracing::warn!(
+                disk = %disk.display(),
+                format = format.as_str(),
+                "a VM from before disk formats were pinned: probed its disk once and pinned it"
+            );
+            pin_format(vm_dir, format)?;
+            Ok(format)
+        }
+        Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
+    }
+}
+
+/// Checks that every file the chain of `disk` (read as `format`) builds on lies inside one
+/// of `allowed` (directories, or files the user named). A qcow2 header names its backing
+/// file itself; one that names anything else (a host file a guest wrote into a header) is
+/// refused before QEMU or `qemu-img` opens it. A qcow2 with an external data file is refused
+/// too.
+pub fn check_chain(disk: &Path, format: DiskFormat, allowed: &[PathBuf]) -> Result<()> {
+    if format == DiskFormat::Raw {
+        return Ok(());
+    }
+    check_no_data_file(disk)?;
+    let roots: Vec<PathBuf> = allowed
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    // Only the header of `disk` is trusted to name the next layer; read one layer at a time,
+    // so nothing a header names is opened before it is checked.
+    let mut layer = disk.to_path_buf();
+    for _ in 0..MAX_CHAIN {
+        let Some(next) = backing_of(&layer)? else {
+            return Ok(());
+        };
+        let real = std::fs::canonicalize(&next.path).map_err(|e| {
+            Error::Disk(format!(
+                "{} builds on {}, which cannot be found ({e})",
+                layer.display(),
+                next.path.display()
+            ))
+        })?;
+        if !roots.iter().any(|r| real.starts_with(r)) {
+            return Err(Error::Disk(format!(
+                "{} builds on {}, outside smolvm's directories and the files the VM was \
+                 given; refusing to use it (a guest that could write a raw disk may have \
+                 written a qcow2 header onto it)",
+                layer.display(),
+                real.display()
+            )));
+        }
+        if next.format == DiskFormat::Raw {
+            return Ok(());
+        }
+        check_no_data_file(&real)?;
+        layer = real;
+    }
+    Err(Error::Disk(format!(
+        "the backing chain of {} is longer than {MAX_CHAIN} layers",
+        disk.display()
+    )))
+}
+
+/// The file a qcow2 `disk`'s header names as its backing file, with that file's format as
+/// the header states it (raw unless it says qcow2), read from this one header only.
+fn backing_of(disk: &Path) -> Result<Option<Backing>> {
+    #[derive(Deserialize)]
+    struct Info {
+        #[serde(rename = "full-backing-filename")]
+        full: Option<PathBuf>,
+        #[serde(rename = "backing-filename-format")]
+        format: Option<String>,
+    }
+    let out = run_qemu_img(
+        [
+            "info".as_ref(),
+            "-U".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "--output=json".as_ref(),
+            disk.as_os_str(),
+        ],
+        || format!("read the header of {}", disk.display()),
+    )?;
+    if out.len() > MAX_INFO_BYTES {
+        return Err(Error::Disk(format!(
+            "qemu-img said more than {MAX_INFO_BYTES} bytes about {}",
+            disk.display()
+        )));
+    }
+    let info: Info = serde_json::from_slice(&out).map_err(|e| {
+        Error::Disk(format!(
+            "unexpected qemu-img answer for {}: {e}",
+            disk.display()
+        ))
+    })?;
+    Ok(info.full.map(|path| Backing {
+        path,
+        format: if info.format.as_deref() == Some("qcow2") {
+            DiskFormat::Qcow2
+        } else {
+            DiskFormat::Raw
+        },
+    }))
+}
+
+/// A backing file named by a qcow2 header.
+struct Backing {
+    path: PathBuf,
+    format: DiskFormat,
+}
+
+/// Refuses a qcow2 whose header names an external data file (its data would be read and
+/// written there).
+fn check_no_data_file(disk: &Path) -> Result<()> {
+    let mut header = vec![0u8; 64 << 10];
+    let n = File::open(disk)
+        .and_then(|mut f| {
+            let mut n = 0;
+            while n < header.len() {
+                let r = f.read(&mut header[n..])?;
+                if r == 0 {
+                    break;
+                }
+                n += r;
+            }
+            Ok(n)
+        })
+        .map_err(io_err(format!("reading the header of {}", disk.display())))?;
+    let be32 = |o: usize| {
+        header
+            .get(o..o + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let be64 = |o: usize| {
+        header.get(o..o + 8).map(|b| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            u64::from_be_bytes(a)
+        })
+    };
+    // qcow2 v3: incompatible features at 72, header length at 100; bit 2 is the external
+    // data file. (v2 headers have neither.)
+    if be32(4).unwrap_or(0) >= 3 && n >= 104 {
+        let incompatible = be64(72).unwrap_or(0);
+        if incompatible & (1 << 2) != 0 {
+            return Err(Error::Disk(format!(
+                "{} keeps its data in an external file; smolvm refuses such disks",
+                disk.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Rewrites `disk`, a qcow2 overlay no VM has open, to build directly on the bottom of its
@@ -397,9 +603,34 @@ pub fn lock(disk: &Path) -> Result<DiskLock> {
         })
 }
 
-/// Copies a disk image (sparse where the file system allows), for a snapshot of a VM that
-/// goes on running.
-pub(crate) async fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
+/// Copies the disk of a VM that goes on running into a saved state, as a qcow2: a qcow2 disk
+/// is copied as it is; a raw one is converted (read as raw, whatever its first bytes say), so
+/// a saved state's disk is always a qcow2 smolvm wrote.
+pub(crate) async fn copy_for_snapshot(from: &Path, format: DiskFormat, to: &Path) -> Result<()> {
+    match format {
+        DiskFormat::Qcow2 => copy_sparse(from, to).await,
+        DiskFormat::Raw => {
+            let out = tokio::process::Command::new(qemu_img()?)
+                .args(["convert", "-U", "-q", "-f", "raw", "-O", "qcow2"])
+                .arg(from)
+                .arg(to)
+                .output()
+                .await
+                .map_err(io_err("running qemu-img"))?;
+            if !out.status.success() {
+                return Err(Error::Snapshot(format!(
+                    "converting the raw disk {} failed: {}",
+                    from.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Copies a disk image (sparse where the file system allows).
+async fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
     let out = tokio::process::Command::new("cp")
         .arg("--sparse=always")
         .arg("--reflink=auto")
@@ -518,5 +749,46 @@ mod tests {
         // A missing file is a clear error.
         let err = backing_chain(&dir.path().join("none.qcow2")).unwrap_err();
         assert!(err.to_string().contains("none.qcow2"), "{err}");
+    }
+
+    #[test]
+    fn a_chain_that_leaves_the_allowed_directories_is_refused_before_it_is_opened() {
+        let inside = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let base = outside.path().join("secret.raw");
+        std::fs::write(&base, vec![7u8; 1 << 20]).unwrap();
+        let overlay = inside.path().join("disk.qcow2");
+        create_overlay(&base, &overlay, None).unwrap();
+        let only_inside = [inside.path().to_path_buf()];
+        let e = check_chain(&overlay, DiskFormat::Qcow2, &only_inside)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("secret.raw") && e.contains("outside"), "{e}");
+        // Allowed where it lies (or named by the user), and a raw disk is its own chain.
+        check_chain(
+            &overlay,
+            DiskFormat::Qcow2,
+            &[inside.path().into(), base.clone()],
+        )
+        .unwrap();
+        check_chain(&base, DiskFormat::Raw, &only_inside).unwrap();
+    }
+
+    #[test]
+    fn a_pinned_format_is_read_and_a_missing_pin_is_made_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("d");
+        std::fs::write(&disk, b"QFI\xfbnot really").unwrap();
+        pin_format(dir.path(), DiskFormat::Raw).unwrap();
+        // The pin wins over what the first bytes say.
+        assert_eq!(pinned_format(dir.path(), &disk).unwrap(), DiskFormat::Raw);
+        std::fs::remove_file(dir.path().join(FORMAT_FILE)).unwrap();
+        assert_eq!(pinned_format(dir.path(), &disk).unwrap(), DiskFormat::Qcow2);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(FORMAT_FILE)).unwrap(),
+            "qcow2"
+        );
+        std::fs::write(dir.path().join(FORMAT_FILE), "vmdk").unwrap();
+        assert!(pinned_format(dir.path(), &disk).is_err());
     }
 }

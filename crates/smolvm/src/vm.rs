@@ -226,7 +226,11 @@ impl Runtime {
                 crate::cleanup::remove_dir(&dir)?;
             }
             create_private_dir(&dir)?;
-            let disk = self.make_disk(&config, &boot, &dir)?;
+            let (disk, format) = self.make_disk(&config, &boot, &dir)?;
+            // The format is pinned now, before any guest has written the disk, and never
+            // probed again.
+            disk::check_chain(&disk, format, &self.disk_roots(&config, &dir))?;
+            disk::pin_format(&dir, format)?;
             if !config.env_vars.is_empty() {
                 crate::env::add_pending(&dir, crate::env::set_update(&config.env_vars, true))?;
             }
@@ -243,13 +247,28 @@ impl Runtime {
         Ok(vm)
     }
 
-    /// The VM's root disk: an existing one, the image's shared one, or a new overlay.
+    /// Where the files a VM's disk builds on may lie: its own directory, smolvm's saved
+    /// states, shared and retained disks, the image store, and the files its config names.
+    pub(crate) fn disk_roots(&self, config: &VmConfig, dir: &std::path::Path) -> Vec<PathBuf> {
+        let mut roots = vec![
+            dir.to_path_buf(),
+            self.paths().images_dir.clone(),
+            self.paths().disks_dir(),
+            crate::snapshot::snapshots_dir(self.paths()),
+        ];
+        roots.extend(config.rootfs_path.clone());
+        roots.extend(config.disk_path.clone());
+        roots
+    }
+
+    /// The VM's root disk and its format: an existing one (its format read now, once), the
+    /// image's shared one, or a new overlay.
     fn make_disk(
         &self,
         config: &VmConfig,
         boot: &BootFiles,
         dir: &std::path::Path,
-    ) -> Result<PathBuf> {
+    ) -> Result<(PathBuf, disk::DiskFormat)> {
         let absolute = |field: &'static str, p: &PathBuf| {
             std::fs::canonicalize(p).map_err(|e| Error::InvalidConfig {
                 field,
@@ -257,16 +276,41 @@ impl Runtime {
                 allowed: format!("a path to an existing file ({e})"),
             })
         };
+        let adopted = |field: &'static str, p: &PathBuf| -> Result<(PathBuf, disk::DiskFormat)> {
+            let p = absolute(field, p)?;
+            let format = disk::detect_format(&p)?;
+            Ok((p, format))
+        };
         if let Some(p) = &config.disk_path {
-            return absolute("disk_path", p);
+            return adopted("disk_path", p);
         }
         let base = boot.base.as_ref().ok_or_else(|| {
             Error::Disk("no root filesystem: give rootfs_path or an image".into())
         })?;
         match config.disk_mode {
             DiskMode::Shared => match &config.rootfs_path {
-                Some(p) => absolute("rootfs_path", p),
-                None => disk::shared_disk(&self.paths().disks_dir(), &config.image, base),
+                Some(p) => {
+                    let (p, format) = adopted("rootfs_path", p)?;
+                    // An image's root file system is the read-only base of every VM and
+                    // template of it: no guest may write it.
+                    if std::fs::canonicalize(&self.paths().images_dir)
+                        .is_ok_and(|images| p.starts_with(images))
+                    {
+                        return Err(Error::InvalidConfig {
+                            field: "rootfs_path",
+                            value: p.display().to_string(),
+                            allowed: "with disk_mode shared, a file outside the image store \
+                                      (an image's root file system is never written; leave \
+                                      rootfs_path out to share the image's own writable disk)"
+                                .into(),
+                        });
+                    }
+                    Ok((p, format))
+                }
+                None => Ok((
+                    disk::shared_disk(&self.paths().disks_dir(), &config.image, base)?,
+                    disk::DiskFormat::Qcow2,
+                )),
             },
             DiskMode::Isolated => {
                 let overlay = dir.join(OVERLAY_NAME);
@@ -275,9 +319,12 @@ impl Runtime {
                     // The VM's own link to its image's root file system: rebuilding or
                     // removing the image leaves this VM's disk as it was.
                     base = disk::link_backing(&base, dir, disk::ROOTFS_LINK);
+                } else {
+                    let format = disk::detect_format(&base)?;
+                    disk::check_chain(&base, format, &self.disk_roots(config, dir))?;
                 }
                 disk::create_overlay(&base, &overlay, config.disk_size_mib)?;
-                Ok(overlay)
+                Ok((overlay, disk::DiskFormat::Qcow2))
             }
         }
     }
@@ -545,7 +592,15 @@ impl Vm {
         point: Option<&crate::snapshot::ops::ResumePoint>,
         nat: Option<crate::network::NatPlan>,
     ) -> Result<LaunchSpec> {
-        let disk_format = disk::detect_format(&disk_path)?;
+        // Pinned when the disk was made; never probed again (a guest may have written
+        // anything onto a raw disk, a qcow2 header included). Its chain stays inside
+        // smolvm's directories and the files the VM was given.
+        let disk_format = disk::pinned_format(&self.dir, &disk_path)?;
+        disk::check_chain(
+            &disk_path,
+            disk_format,
+            &self.rt.disk_roots(&rec.config, &self.dir),
+        )?;
         let mut spec = crate::launch::machine(
             &self.id,
             &rec.config,

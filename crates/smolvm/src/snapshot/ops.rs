@@ -441,6 +441,13 @@ impl Vm {
             self.client().control(&ApiRequest::Snapshot {
                 dir: work.display().to_string(),
             })?;
+            // The copy is a qcow2 smolvm wrote; what it builds on stays where the VM's disk
+            // may build (checked before anything it names is opened).
+            crate::disk::check_chain(
+                &work.join(files::DISK),
+                crate::disk::DiskFormat::Qcow2,
+                &self.rt.disk_roots(&rec.config, self.dir()),
+            )?;
             // The copy depends on no other saved state and no VM, only on its own link to
             // the image's root file system (done while the VM runs on).
             crate::disk::adopt_base(

@@ -226,8 +226,9 @@ impl<V: Vmm> Machine<'_, V> {
                             SavedRam::InStream,
                         )
                         .await?;
-                    crate::disk::copy_sparse(
+                    crate::disk::copy_for_snapshot(
                         &self.spec.disk,
+                        self.spec.disk_format.parse()?,
                         &dir.join(crate::snapshot::files::DISK),
                     )
                     .await
