@@ -283,6 +283,10 @@ pub(crate) fn describe_exit(
     }
 }
 
+/// The most files a monitor process may have open (QEMU needs a few dozen: its disks, sockets,
+/// TAP, eventfds per vCPU and queue).
+const MONITOR_MAX_FILES: libc::rlim_t = 4096;
+
 /// A monitor's process, waited for by a task of its own: anything can watch for its end
 /// ([`ExitSignal`]) while the machine is being driven.
 pub(crate) struct MonitorProcess {
@@ -340,6 +344,24 @@ impl MonitorProcess {
                 }
                 if libc::getppid() != my_pid {
                     return Err(std::io::Error::other("supervisor exited during spawn"));
+                }
+                // Nothing it runs gains privileges; it writes no core file (a core of a VM
+                // holds the guest's memory) and opens a bounded number of files.
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let no_core = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                let files = libc::rlimit {
+                    rlim_cur: MONITOR_MAX_FILES,
+                    rlim_max: MONITOR_MAX_FILES,
+                };
+                if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0
+                    || libc::setrlimit(libc::RLIMIT_NOFILE, &files) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });

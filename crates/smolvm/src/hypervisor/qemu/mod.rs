@@ -68,6 +68,9 @@ fn named_paths<'a>(
     paths
 }
 
+/// QEMU's `-sandbox` (seccomp) setting for every VM.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// The minimal firmware for microvm, when installed (Debian ships qboot in qemu-system-data).
 pub fn firmware() -> Option<std::path::PathBuf> {
     [
@@ -253,6 +256,10 @@ impl QemuMicrovm {
         let mut push = |s: &str| a.push(s.to_string());
         push("-smp");
         push(&spec.vcpus.to_string());
+        // QEMU's own seccomp filter: no obsolete system calls, no privilege changes, no
+        // processes spawned, no scheduler or resource changes.
+        push("-sandbox");
+        push(SANDBOX);
         for s in [
             "-nodefaults",
             "-no-user-config",
