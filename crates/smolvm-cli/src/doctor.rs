@@ -175,11 +175,15 @@ pub fn run() -> Result<i32> {
         },
         fix: None,
     });
+    checks.extend(jail_checks(&smolvm::hypervisor::jail::report()));
     let mut fatal = false;
     for c in &checks {
         let mark = if c.ok {
             "ok  "
-        } else if matches!(c.name, "kvm" | "nft" | "tun" | "network") {
+        } else if matches!(
+            c.name,
+            "kvm" | "nft" | "tun" | "network" | "qemu uid" | "namespaces" | "cgroup"
+        ) {
             "warn"
         } else {
             "FAIL"
@@ -194,6 +198,73 @@ pub fn run() -> Result<i32> {
     }
     println!("accelerator: {}", accel.accelerator);
     Ok(if fatal { 1 } else { 0 })
+}
+
+/// The jail a VM's QEMU gets on this host, as it will be applied (what is not there yet is a
+/// warning, never left out).
+fn jail_checks(j: &smolvm::hypervisor::jail::JailReport) -> Vec<Check> {
+    let cg = &j.cgroup;
+    vec![
+        Check {
+            name: "qemu uid",
+            ok: j.uid != 0,
+            detail: format!(
+                "QEMU runs as uid {}, the caller's{}",
+                j.uid,
+                if j.uid == 0 { " (root)" } else { "" }
+            ),
+            fix: (j.uid == 0).then(|| {
+                "not yet dropped to an unprivileged uid; run smolvm as a normal user where nat networking is not needed".to_string()
+            }),
+        },
+        Check {
+            name: "seccomp",
+            ok: j.seccomp,
+            detail: if j.seccomp {
+                format!("QEMU runs with -sandbox {}", j.sandbox)
+            } else {
+                "QEMU was built without libseccomp: -sandbox is unavailable".into()
+            },
+            fix: (!j.seccomp).then(|| "install Debian's qemu-system-x86 (built with seccomp)".to_string()),
+        },
+        Check {
+            name: "limits",
+            ok: true,
+            detail: j.limits.clone(),
+            fix: None,
+        },
+        Check {
+            name: "namespaces",
+            ok: !j.namespaces.is_empty(),
+            detail: if j.namespaces.is_empty() {
+                "QEMU shares the host's mount, PID, IPC and UTS namespaces".into()
+            } else {
+                j.namespaces.join(", ")
+            },
+            fix: j
+                .namespaces
+                .is_empty()
+                .then(|| "not yet confined to namespaces of its own".to_string()),
+        },
+        Check {
+            name: "cgroup",
+            ok: false,
+            detail: match &cg.mount {
+                None => "no cgroup v2 here: VMs run in the caller's cgroup, without limits of their own".into(),
+                Some(m) if cg.missing.is_empty() => format!(
+                    "cgroup v2 at {} offers {}; VMs still run in the caller's cgroup",
+                    m.display(),
+                    cg.available.join(", ")
+                ),
+                Some(m) => format!(
+                    "cgroup v2 at {} lacks {} (bound to cgroup v1 here); VMs run in the caller's cgroup",
+                    m.display(),
+                    cg.missing.join(", ")
+                ),
+            },
+            fix: Some("no per-VM cgroup (memory, pids, cpu, io limits) yet".into()),
+        },
+    ]
 }
 
 #[cfg(test)]

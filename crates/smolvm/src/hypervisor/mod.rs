@@ -9,6 +9,7 @@
 
 pub mod accel;
 pub mod fake;
+pub mod jail;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -285,7 +286,7 @@ pub(crate) fn describe_exit(
 
 /// The most files a monitor process may have open (QEMU needs a few dozen: its disks, sockets,
 /// TAP, eventfds per vCPU and queue).
-const MONITOR_MAX_FILES: libc::rlim_t = 4096;
+pub(crate) const MONITOR_MAX_FILES: libc::rlim_t = 4096;
 
 /// A monitor's process, waited for by a task of its own: anything can watch for its end
 /// ([`ExitSignal`]) while the machine is being driven.
