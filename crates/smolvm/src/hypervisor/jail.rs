@@ -5,9 +5,20 @@
 
 use std::path::{Path, PathBuf};
 
+/// The environment variable that turns the jail off, for measuring what it costs (`off`);
+/// nothing else should ever set it.
+pub const ENV: &str = "SMOLVM_JAIL";
+
+/// Whether the jail applies (it does unless `SMOLVM_JAIL=off`).
+pub fn enabled() -> bool {
+    std::env::var(ENV).map_or(true, |v| v != "off")
+}
+
 /// The jail a VM's QEMU runs in, on this host.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct JailReport {
+    /// Whether it applies (`SMOLVM_JAIL=off` turns it off, to measure its cost).
+    pub enabled: bool,
     /// The uid QEMU runs as (today: the caller's).
     pub uid: u32,
     /// Whether QEMU can install its seccomp filter (it was built with libseccomp).
@@ -39,6 +50,7 @@ pub const CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "io"];
 /// The jail as it will be applied on this host.
 pub fn report() -> JailReport {
     JailReport {
+        enabled: enabled(),
         // SAFETY: geteuid cannot fail.
         uid: unsafe { libc::geteuid() },
         seccomp: qemu_has_seccomp(),

@@ -258,8 +258,10 @@ impl QemuMicrovm {
         push(&spec.vcpus.to_string());
         // QEMU's own seccomp filter: no obsolete system calls, no privilege changes, no
         // processes spawned, no scheduler or resource changes.
-        push("-sandbox");
-        push(SANDBOX);
+        if super::jail::enabled() {
+            push("-sandbox");
+            push(SANDBOX);
+        }
         for s in [
             "-nodefaults",
             "-no-user-config",
