@@ -604,44 +604,31 @@ pub fn lock(disk: &Path) -> Result<DiskLock> {
 }
 
 /// Copies the disk of a VM that goes on running into a saved state, as a qcow2: a qcow2 disk
-/// is copied as it is; a raw one is converted (read as raw, whatever its first bytes say), so
-/// a saved state's disk is always a qcow2 smolvm wrote.
+/// is copied as it is (sparse where the file system allows); a raw one is converted (read as
+/// raw, whatever its first bytes say), so a saved state's disk is always a qcow2 smolvm wrote.
 pub(crate) async fn copy_for_snapshot(from: &Path, format: DiskFormat, to: &Path) -> Result<()> {
-    match format {
-        DiskFormat::Qcow2 => copy_sparse(from, to).await,
-        DiskFormat::Raw => {
-            let out = tokio::process::Command::new(qemu_img()?)
-                .args(["convert", "-U", "-q", "-f", "raw", "-O", "qcow2"])
-                .arg(from)
-                .arg(to)
-                .output()
-                .await
-                .map_err(io_err("running qemu-img"))?;
-            if !out.status.success() {
-                return Err(Error::Snapshot(format!(
-                    "converting the raw disk {} failed: {}",
-                    from.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
-            }
-            Ok(())
+    let mut cmd = match format {
+        DiskFormat::Qcow2 => {
+            let mut c = tokio::process::Command::new("cp");
+            c.args(["--sparse=always", "--reflink=auto"]);
+            c
         }
-    }
-}
-
-/// Copies a disk image (sparse where the file system allows).
-async fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
-    let out = tokio::process::Command::new("cp")
-        .arg("--sparse=always")
-        .arg("--reflink=auto")
+        DiskFormat::Raw => {
+            let mut c = tokio::process::Command::new(qemu_img()?);
+            c.args(["convert", "-U", "-q", "-f", "raw", "-O", "qcow2"]);
+            c
+        }
+    };
+    let out = cmd
         .arg(from)
         .arg(to)
         .output()
         .await
-        .map_err(io_err("running cp"))?;
+        .map_err(io_err(format!("copying the disk {}", from.display())))?;
     if !out.status.success() {
         return Err(Error::Snapshot(format!(
-            "copying the disk {} failed: {}",
+            "copying the {} disk {} failed: {}",
+            format.as_str(),
             from.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
