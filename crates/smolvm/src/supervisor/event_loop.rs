@@ -18,7 +18,7 @@ use super::shutdown::shutdown;
 use super::{api, files, forward, owner};
 use crate::error::{io_err, Result};
 use crate::hypervisor::{Endpoints, LaunchSpec, SavedRam, Vmm};
-use crate::store::{Store, VmRecord, VmState};
+use crate::store::{VmRecord, VmState};
 
 /// How often the supervisor checks that its VM's record still exists (and who owns it). An
 /// owner's exit is seen at once through a pidfd, and whatever deletes a VM it cannot reach
@@ -71,7 +71,7 @@ pub(super) async fn run<V: Vmm>(vm_dir: &Path, spec: &LaunchSpec) -> Result<()> 
         .await?;
     tracing::info!(id = %spec.id, "recorded as running");
     // The VM's recorded port forwards come back with it.
-    let forwards = forward::Forwards::new(&spec.id, link.clone(), Store::open(&spec.db_path)?);
+    let forwards = forward::Forwards::new(&spec.id, link.clone(), record.clone());
     if let Err(e) = forwards.restore().await {
         tracing::warn!("could not read the VM's port forwards: {e}");
     }

@@ -16,8 +16,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::agent_link::AgentLink;
+use super::record::Record;
 use crate::error::{Error, ErrorKind, Result};
-use crate::store::Store;
 
 /// Connections one forward serves at once; more are closed as they come.
 pub const MAX_CONNECTIONS_PER_FORWARD: usize = 128;
@@ -66,41 +66,22 @@ struct Active {
 pub struct Forwards {
     vm_id: String,
     link: AgentLink,
-    store: Arc<Mutex<Store>>,
+    record: Record,
     active: Mutex<BTreeMap<(IpAddr, u16), Active>>,
     total: Arc<Semaphore>,
 }
 
 impl Forwards {
-    /// Forwards of the VM `vm_id`, tunnelled over `link`, recorded in `store`.
-    pub fn new(vm_id: &str, link: AgentLink, store: Store) -> Forwards {
+    /// Forwards of the VM `vm_id`, tunnelled over `link`, recorded through `record` (whose
+    /// SQLite calls run in the blocking pool, not on the thread that relays the VM's requests).
+    pub(super) fn new(vm_id: &str, link: AgentLink, record: Record) -> Forwards {
         Forwards {
             vm_id: vm_id.to_string(),
             link,
-            store: Arc::new(Mutex::new(store)),
+            record,
             active: Mutex::new(BTreeMap::new()),
             total: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         }
-    }
-
-    /// Runs `f` on the store in tokio's blocking pool: a SQLite call can wait up to its busy
-    /// timeout, and the thread it would block relays every request of the VM.
-    async fn db<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Store, &str) -> Result<T> + Send + 'static,
-    {
-        let store = self.store.clone();
-        let id = self.vm_id.clone();
-        tokio::task::spawn_blocking(move || {
-            let s = store.lock().unwrap_or_else(|p| p.into_inner());
-            f(&s, &id)
-        })
-        .await
-        .map_err(|e| Error::Io {
-            context: "a state database call of the port forwards".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?
     }
 
     fn active(&self) -> MutexGuard<'_, BTreeMap<(IpAddr, u16), Active>> {
@@ -110,7 +91,7 @@ impl Forwards {
     /// Re-establishes the VM's recorded forwards (at start). Those that cannot be bound
     /// (their port taken meanwhile) stay recorded and are returned with the reason.
     pub async fn restore(&self) -> Result<Vec<(ForwardInfo, Error)>> {
-        let recorded = self.db(|s, id| s.forwards(id)).await?;
+        let recorded = self.record.call(|s, id| s.forwards(id)).await?;
         let mut failed = Vec::new();
         for info in recorded {
             let res = info
@@ -204,7 +185,7 @@ impl Forwards {
         };
         // Recorded already (it could not be re-established at start, its port then taken):
         // serve it again; otherwise record it.
-        let recorded = self.db(|s, id| s.forwards(id)).await?;
+        let recorded = self.record.call(|s, id| s.forwards(id)).await?;
         match recorded
             .iter()
             .find(|f| f.host_addr == info.host_addr && f.host_port == port)
@@ -225,7 +206,9 @@ impl Forwards {
             }
             None => {
                 let row = info.clone();
-                self.db(move |s, id| s.add_forward(id, &row)).await?
+                self.record
+                    .call(move |s, id| s.add_forward(id, &row))
+                    .await?
             }
         }
         if !addr.is_loopback() {
@@ -255,7 +238,8 @@ impl Forwards {
             a.task.stop().await;
         }
         let removed_rows = self
-            .db(move |s, id| s.remove_forwards(id, host_port))
+            .record
+            .call(move |s, id| s.remove_forwards(id, host_port))
             .await?;
         if removed_live == 0 && removed_rows == 0 {
             return Err(Error::forward(

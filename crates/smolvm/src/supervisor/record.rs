@@ -22,8 +22,8 @@ impl Record {
         })
     }
 
-    /// Runs `f` on the store in the blocking pool.
-    async fn call<T, F>(&self, f: F) -> Result<T>
+    /// Runs `f` on the store (and the VM's id) in the blocking pool.
+    pub(super) async fn call<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Store, &str) -> Result<T> + Send + 'static,
